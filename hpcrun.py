@@ -1,0 +1,1773 @@
+#!/usr/bin/env python3
+"""hpcrun: never miss the end of a training on an HPC cluster.
+
+wrap runs the training on the compute node and leaves a completion record in the
+work directory however the run ends; monitor runs on the login node, turns each
+record into a short report and pushes it to the phone (xxtui, console).
+
+    python3 hpcrun.py wrap    --work-dir DIR --command "python train.py"
+    python3 hpcrun.py monitor --work-dir DIR [--interval 60] [--once]
+    python3 hpcrun.py run     --work-dir DIR -- python train.py
+    python3 hpcrun.py status  --work-dir DIR [--json]
+    python3 hpcrun.py notify  --test
+
+Python 3.6+, standard library only.
+"""
+
+import argparse
+import configparser
+import errno
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+__version__ = "0.1.0"
+
+# --- constants and defaults ---
+
+SCHEMA_VERSION = 1
+STATE_DIR = ".hpcrun"
+STATE_SUBDIRS = ("running", "done", "claimed", "delivery", "sent")
+LEGACY_RECORD = ".train_complete.json"
+STATUSES = ("success", "failed", "killed", "terminated")
+USER_AGENT = "hpcrun/" + __version__
+
+# config.ini.example mirrors this dict key by key; the type of each default is the
+# type of the setting.
+DEFAULTS = {
+    "notify": {
+        "channels": "",
+        "language": "zh",
+        "keys_file": "api_keys.ini",
+    },
+    "report": {
+        "include_last_n_lines": 50,
+        "max_chars": 4000,
+    },
+    "monitor": {
+        "interval": 60.0,
+        "retry_base": 30.0,
+        "retry_max": 3600.0,
+        "claim_timeout": 600.0,
+    },
+    "wrap": {
+        "log_dir": "logs",
+        "heartbeat_interval": 60.0,
+        "grace": 0.0,
+    },
+    "xxtui": {
+        "url": "https://www.xxtui.com/xxtui/{key}",
+        "api_key": "",
+        "from": "hpcrun",
+        "channel": "",
+        "timeout": 10.0,
+    },
+    "console": {},
+}
+CHANNEL_TYPES = ("console", "xxtui")
+SECRET_KEYS = ("api_key", "token", "secret", "password")
+REQUIRED_KEYS = {"xxtui": ("api_key",)}
+LEGACY_ENV = {("xxtui", "api_key"): "XXTUI_KEY"}
+LANGUAGES = ("zh", "en")
+
+TERMINATING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGXCPU")
+WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
+CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL")
+DEFAULT_GRACE = 8.0          # seconds between SIGTERM and SIGKILL off Slurm (PBS Pro 10, LSF 10)
+FORWARD_DELAY = 1.0          # seconds before a signal is forwarded to a training still alive
+DRAIN_IDLE = 1.0             # after the training exits, stop relaying once its pipe is idle this long
+READ_CHUNK = 1 << 20
+PIPE_SIZE = 1 << 20
+TAIL_BLOCK = 1 << 16
+TAIL_MAX_BYTES = 1 << 20
+LINE_MAX_CHARS = 500
+LOG_NAME_TRIES = 1000
+
+ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+
+MESSAGES = {
+    "zh": {
+        "title_success": "✅ 训练完成 {name} · {duration}",
+        "title_failed": "❌ 训练失败 {name} · exit {exit_code} · {duration}",
+        "title_killed": "💀 训练被杀死 {name} · {signal} · {duration}",
+        "title_terminated": "🛑 训练被终止 {name} · {signal} · {duration}",
+        "title_unknown": "❓ 训练记录异常 {name}",
+        "title_test": "🔔 hpcrun 测试消息",
+        "status_success": "成功",
+        "status_failed": "失败",
+        "status_killed": "被信号杀死",
+        "status_terminated": "被终止",
+        "status_unknown": "未知",
+        "field_status": "状态",
+        "field_exit_code": "退出码",
+        "field_signal": "信号",
+        "field_cause": "原因",
+        "field_name": "名称",
+        "field_command": "命令",
+        "field_work_dir": "目录",
+        "field_host": "主机",
+        "field_job": "作业",
+        "field_start": "开始",
+        "field_end": "结束",
+        "field_duration": "时长",
+        "field_log": "日志",
+        "provisional": "（临时记录：包装进程在收到信号后没能写完最终记录）",
+        "tail_header": "--- 日志最后 {n} 行 ---",
+        "tail_cut": "…（已截断 {n} 行）",
+        "no_log": "（没有日志：{reason}）",
+        "test_body": "hpcrun 测试消息：通道 {channel} 工作正常。主机 {host}，时间 {time}。",
+    },
+    "en": {
+        "title_success": "✅ Training finished {name} · {duration}",
+        "title_failed": "❌ Training failed {name} · exit {exit_code} · {duration}",
+        "title_killed": "💀 Training killed {name} · {signal} · {duration}",
+        "title_terminated": "🛑 Training terminated {name} · {signal} · {duration}",
+        "title_unknown": "❓ Unreadable run record {name}",
+        "title_test": "🔔 hpcrun test message",
+        "status_success": "success",
+        "status_failed": "failed",
+        "status_killed": "killed by a signal",
+        "status_terminated": "terminated",
+        "status_unknown": "unknown",
+        "field_status": "Status",
+        "field_exit_code": "Exit code",
+        "field_signal": "Signal",
+        "field_cause": "Cause",
+        "field_name": "Name",
+        "field_command": "Command",
+        "field_work_dir": "Directory",
+        "field_host": "Host",
+        "field_job": "Job",
+        "field_start": "Start",
+        "field_end": "End",
+        "field_duration": "Duration",
+        "field_log": "Log",
+        "provisional": "(provisional record: the wrapper was stopped before it wrote the final one)",
+        "tail_header": "--- last {n} log lines ---",
+        "tail_cut": "… ({n} lines cut)",
+        "no_log": "(no log: {reason})",
+        "test_body": "hpcrun test message: channel {channel} works. Host {host}, time {time}.",
+    },
+}
+
+
+# --- errors ---
+
+class HpcrunError(Exception):
+    """An expected failure: main prints it as one line and exits with exit_code."""
+    exit_code = 1
+
+
+class ConfigError(HpcrunError):
+    exit_code = 2
+
+
+class ChannelError(HpcrunError):
+    """A push that a service did not accept; retryable unless the service said no for good."""
+
+    def __init__(self, message, retryable=True, retry_after=None):
+        HpcrunError.__init__(self, message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+# --- pure helpers: formatting, parsing, tail reading, log cleaning ---
+
+def format_duration(seconds):
+    """Compact duration: 42s, 5m03s, 3h12m, 2d04h."""
+    seconds = int(max(0, round(seconds or 0)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return "%dd%02dh" % (days, hours)
+    if hours:
+        return "%dh%02dm" % (hours, minutes)
+    if minutes:
+        return "%dm%02ds" % (minutes, secs)
+    return "%ds" % secs
+
+
+def format_local_time(epoch):
+    if epoch is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def format_log_time(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(epoch))
+
+
+def parse_local_time(text):
+    """Epoch seconds of "YYYY-MM-DD HH:MM:SS" (local time), or None."""
+    try:
+        return time.mktime(time.strptime(str(text).strip()[:19], "%Y-%m-%d %H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
+def redact(text, secrets):
+    """Replace every secret (and its URL-quoted form) in text by ***."""
+    text = str(text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def secret_forms(value):
+    from urllib.parse import quote
+    return {value, quote(value, safe=""), quote(value)} if value else set()
+
+
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "SIG%d" % number
+
+
+def signal_number(name):
+    name = name.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(getattr(signal.Signals, name))
+    except AttributeError:
+        raise HpcrunError("unknown signal '%s'" % name)
+
+
+def clean_log_text(text):
+    """One log line per element: ANSI codes removed, \\r redraws collapsed to their last state."""
+    text = ANSI_RE.sub("", text.replace("\r\n", "\n"))
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            parts = [part for part in line.split("\r") if part.strip()]
+            line = parts[-1] if parts else ""
+        line = line.rstrip()
+        if len(line) > LINE_MAX_CHARS:
+            line = line[:LINE_MAX_CHARS] + "…"
+        lines.append(line)
+    return lines
+
+
+def read_tail(path, line_count, max_bytes=TAIL_MAX_BYTES):
+    """The last line_count cleaned lines of a log, reading backwards in blocks up to max_bytes."""
+    if line_count <= 0:
+        return []
+    with open(path, "rb") as stream:
+        stream.seek(0, os.SEEK_END)
+        position = stream.tell()
+        data = b""
+        while position > 0 and len(data) < max_bytes:
+            step = min(TAIL_BLOCK, position, max_bytes - len(data))
+            position -= step
+            stream.seek(position)
+            data = stream.read(step) + data
+            if data.count(b"\n") > line_count:
+                break
+    text = data.decode("utf-8", errors="replace")
+    lines = clean_log_text(text)
+    if position > 0 and lines:
+        lines = lines[1:]  # the first line is cut
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines[-line_count:]
+
+
+def last_line_of(chunk):
+    """The last non-empty cleaned line of a chunk of raw log bytes."""
+    lines = [line for line in clean_log_text(chunk[-4096:].decode("utf-8", errors="replace")) if line]
+    return lines[-1] if lines else ""
+
+
+def fit_text(header, tail, limit, unit, messages):
+    """Header and as many of the last tail lines as fit in limit characters (or UTF-8 bytes)."""
+    def size(text):
+        return len(text.encode("utf-8")) if unit == "bytes" else len(text)
+
+    head = "\n".join(header)
+    if size(head) > limit:
+        return cut_to_size(head, limit, unit)
+    kept = list(tail)
+    while kept:
+        marker = [messages["tail_cut"].format(n=len(tail) - len(kept))] if len(kept) < len(tail) else []
+        text = "\n".join(header + [""] + marker + kept)
+        if size(text) <= limit:
+            return text
+        kept.pop(0)
+    return head
+
+
+def cut_to_size(text, limit, unit):
+    if unit == "bytes":
+        return text.encode("utf-8")[:max(0, limit - 3)].decode("utf-8", errors="ignore") + "…"
+    return text[:max(0, limit - 1)] + "…"
+
+
+# --- config: load, merge (flag > HPCRUN_* env > keys file > config file > default), validate ---
+
+class Config(object):
+    """Merged settings, where they came from, and every secret value to keep out of output."""
+
+    def __init__(self, path, keys_path, sections, secrets, warnings):
+        self.path = path
+        self.keys_path = keys_path
+        self.sections = sections
+        self.secrets = secrets
+        self.warnings = warnings
+
+    def get(self, section, key):
+        return self.sections.get(section, {}).get(key, DEFAULTS.get(section, {}).get(key))
+
+    def where(self):
+        return "config '%s'" % self.path if self.path else "settings"
+
+
+def find_config_path(flag, env, script_dir):
+    if flag:
+        return flag
+    if env.get("HPCRUN_CONFIG"):
+        return env["HPCRUN_CONFIG"]
+    home = env.get("HOME") or os.path.expanduser("~")
+    for candidate in (os.path.join(home, ".config", "hpcrun", "config.ini"),
+                      os.path.join(script_dir, "config.ini")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def read_ini(path, what):
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            parser.read_file(stream)
+    except OSError as error:
+        raise ConfigError("cannot read %s '%s': %s" % (what, path, error.strerror or error))
+    except (configparser.Error, UnicodeDecodeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise ConfigError("cannot parse %s '%s': %s" % (what, path, first))
+    return {name: dict(parser.items(name)) for name in parser.sections()}
+
+
+def channel_type(section):
+    return section.split(":", 1)[0]
+
+
+def env_key(section, key):
+    return "HPCRUN_%s_%s" % (re.sub(r"[^A-Za-z0-9]", "_", section).upper(), key.upper())
+
+
+def load_config(flag_path=None, overrides=None, env=None, script_dir=None):
+    """Read and merge every layer of settings; overrides are the command-line flags."""
+    env = os.environ if env is None else env
+    script_dir = script_dir or os.path.dirname(os.path.abspath(__file__))
+    path = find_config_path(flag_path, env, script_dir)
+    file_sections = read_ini(path, "config") if path else {}
+    keys_path, key_sections, warnings = read_keys_file(path, file_sections, env)
+    names = set(DEFAULTS) | set(file_sections) | set(key_sections)
+    names |= set(parse_list(env.get(env_key("notify", "channels"))
+                            or file_sections.get("notify", {}).get("channels")))
+    sections = {}
+    for name in names:
+        merged = dict(DEFAULTS.get(channel_type(name), {}))
+        merged.update(file_sections.get(name, {}))
+        merged.update(key_sections.get(name, {}))
+        merged.update(env_layer(env, name))
+        merged.update((overrides or {}).get(name, {}))
+        sections[name] = merged
+    config = Config(path, keys_path, sections, set(), warnings)
+    check_config(config)
+    config.secrets = collect_secrets(config)
+    return config
+
+
+def env_layer(env, section):
+    layer = {}
+    for key in set(DEFAULTS.get(channel_type(section), {})) | set(SECRET_KEYS):
+        legacy = LEGACY_ENV.get((section, key))
+        if legacy and env.get(legacy):
+            layer[key] = env[legacy]
+        if env.get(env_key(section, key)):
+            layer[key] = env[env_key(section, key)]
+    return layer
+
+
+def read_keys_file(config_path, file_sections, env):
+    """The secrets file: explicit keys_file must exist; the default one beside the config may not."""
+    explicit = env.get(env_key("notify", "keys_file")) or file_sections.get("notify", {}).get("keys_file")
+    base = os.path.dirname(os.path.abspath(config_path)) if config_path else os.getcwd()
+    if not explicit and not config_path:
+        return None, {}, []
+    keys_path = os.path.join(base, os.path.expanduser(explicit or DEFAULTS["notify"]["keys_file"]))
+    if not explicit and not os.path.exists(keys_path):
+        return None, {}, []
+    sections = read_ini(keys_path, "keys file")
+    warnings = []
+    if os.stat(keys_path).st_mode & 0o077:
+        warnings.append("keys file '%s' is readable by group or others: chmod 600 '%s'"
+                        % (keys_path, keys_path))
+    return keys_path, sections, warnings
+
+
+def check_config(config):
+    """Numbers are numbers, the language is known, unknown keys get a warning."""
+    for name, values in sorted(config.sections.items()):
+        defaults = DEFAULTS.get(channel_type(name))
+        if defaults is None:
+            continue
+        for key, value in sorted(values.items()):
+            default = defaults.get(key)
+            if key not in defaults and key not in SECRET_KEYS:
+                config.warnings.append("%s: unknown key [%s] %s" % (config.where(), name, key))
+            elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+                values[key] = parse_number(value, type(default), config, name, key)
+    language = config.get("notify", "language")
+    if language not in LANGUAGES:
+        raise ConfigError("%s: [notify] language: '%s' is not one of %s"
+                          % (config.where(), language, ", ".join(LANGUAGES)))
+
+
+def parse_number(value, kind, config, section, key):
+    try:
+        number = kind(str(value).strip())
+    except ValueError:
+        raise ConfigError("%s: [%s] %s: '%s' is not a number" % (config.where(), section, key, value))
+    if number < 0:
+        raise ConfigError("%s: [%s] %s: '%s' must not be negative" % (config.where(), section, key, value))
+    return number
+
+
+def collect_secrets(config):
+    secrets = set()
+    for values in config.sections.values():
+        for key, value in values.items():
+            if key in SECRET_KEYS and isinstance(value, str):
+                secrets |= secret_forms(value.strip())
+    return secrets
+
+
+def parse_list(text):
+    return [item.strip() for item in str(text or "").replace(";", ",").split(",") if item.strip()]
+
+
+def resolve_channels(config):
+    """The channel sections to push through, each checked: [(section, type, settings)]."""
+    names = parse_list(config.get("notify", "channels"))
+    if not names:
+        names = ["xxtui"] if config.get("xxtui", "api_key") else ["console"]
+    for name in names:
+        if channel_type(name) not in CHANNEL_TYPES:
+            raise ConfigError("%s: [notify] channels: unknown channel '%s' (known: %s)"
+                              % (config.where(), name, ", ".join(CHANNEL_TYPES)))
+    channels = []
+    for name in names:
+        kind = channel_type(name)
+        settings = dict(config.sections.get(name) or DEFAULTS[kind])
+        for key in REQUIRED_KEYS.get(kind, ()):
+            settings[key] = str(settings.get(key) or "").strip()
+            if not settings[key]:
+                raise ConfigError("%s: [%s] %s is not set (put it in the keys file or %s)"
+                                  % (config.where(), name, key, env_key(name, key)))
+        channels.append((name, kind, settings))
+    return channels
+
+
+# --- records: the files wrap and monitor exchange ---
+
+def state_dir(work_dir, sub):
+    return os.path.join(work_dir, STATE_DIR, sub)
+
+
+def make_state_dirs(work_dir):
+    for sub in STATE_SUBDIRS:
+        os.makedirs(state_dir(work_dir, sub), exist_ok=True)
+
+
+def write_json_atomic(path, data):
+    """Temporary file in the same directory, flush, fsync, rename: readers see all or nothing."""
+    directory = os.path.dirname(path)
+    temp = os.path.join(directory, ".tmp-%s-%d-%s" % (os.path.basename(path), os.getpid(),
+                                                      os.urandom(3).hex()))
+    payload = json.dumps(data, ensure_ascii=True, indent=1, sort_keys=True).encode("ascii") + b"\n"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        write_all(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(temp, path)
+    except OSError:
+        remove_quietly(temp)
+        raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def read_json_file(path, max_bytes=1 << 20):
+    """A JSON object from a regular file; symlinks, huge files and bad JSON are HpcrunErrors."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise HpcrunError("record '%s' is a symbolic link: not read" % path)
+        raise HpcrunError("cannot read record '%s': %s" % (path, error.strerror))
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            raise HpcrunError("record '%s' is not a regular file" % path)
+        data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HpcrunError("record '%s' is larger than %d bytes" % (path, max_bytes))
+    if not data.strip():
+        raise HpcrunError("record '%s' is empty" % path)
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise HpcrunError("record '%s' is not valid JSON: %s" % (path, str(error).splitlines()[0]))
+    if not isinstance(value, dict):
+        raise HpcrunError("record '%s' is not a JSON object" % path)
+    return value
+
+
+RECORD_TYPES = {
+    "run_id": str, "name": str, "command": str, "work_dir": str, "host": str, "status": str,
+    "signal": str, "cause": str, "log_file": str, "timestamp": str, "started": str,
+    "exit_code": int, "pid": int, "start_time": float, "end_time": float, "duration": float,
+    "schema": int, "final": bool, "job": dict, "log_error": str, "hpcrun_version": str,
+}
+
+
+def check_record(data, path):
+    """Field types of a completion record; a wrong type is an HpcrunError naming the field."""
+    for key, kind in RECORD_TYPES.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+            isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            raise HpcrunError("record '%s': field '%s' has the wrong type" % (path, key))
+    if data.get("status") not in STATUSES:
+        raise HpcrunError("record '%s': unknown status '%s'" % (path, data.get("status")))
+    if int(data.get("schema") or 1) > SCHEMA_VERSION:
+        data["note"] = "record schema %s is newer than this hpcrun (%d)" % (data.get("schema"),
+                                                                           SCHEMA_VERSION)
+    return data
+
+
+def legacy_to_record(data, work_dir, run_id):
+    """A .train_complete.json of the original design, in either of its two forms."""
+    record = {"run_id": run_id, "work_dir": work_dir, "schema": 0, "final": True,
+              "name": os.path.basename(os.path.abspath(work_dir)), "legacy": True}
+    exit_code = data.get("exit_code", data.get("return_code"))
+    if isinstance(exit_code, (int, float)) and not isinstance(exit_code, bool):
+        record["exit_code"] = int(exit_code)
+    status = data.get("status")
+    if status not in STATUSES:
+        status = "success" if record.get("exit_code") == 0 else "failed"
+    record["status"] = status
+    for key in ("log_file", "command"):
+        if isinstance(data.get(key), str):
+            record[key] = data[key]
+    start = parse_epoch(data.get("start_time"))
+    end = parse_epoch(data.get("end_time")) or parse_epoch(data.get("timestamp"))
+    record.update(start_time=start, end_time=end)
+    elapsed = data.get("elapsed_seconds")
+    if isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool):
+        record["duration"] = float(elapsed)
+    elif start and end:
+        record["duration"] = end - start
+    return record
+
+
+def parse_epoch(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        return parse_local_time(value.replace("T", " "))
+    return None
+
+
+def claim_record(source, claimed_dir, run_id, host, pid):
+    """Rename a record into claimed/ under this monitor's name; None when another monitor won."""
+    target = os.path.join(claimed_dir, "%s.json.%s.%d" % (run_id, host, pid))
+    try:
+        os.rename(source, target)
+    except OSError as error:
+        if error.errno == errno.ENOENT and os.path.exists(target):
+            return target  # NFS: a retransmitted rename that did succeed
+        if error.errno in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
+            return None
+        raise HpcrunError("cannot claim record '%s': %s" % (source, error.strerror))
+    return target
+
+
+def parse_claim_name(filename):
+    """(run_id, host, pid) of claimed/<run_id>.json.<host>.<pid>, or None."""
+    run_id, sep, owner = filename.partition(".json.")
+    host, _, pid = owner.rpartition(".")
+    if not sep or not host or not pid.isdigit():
+        return None
+    return run_id, host, int(pid)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def list_dir(path):
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+# --- wrap: child process, output relay, signals, heartbeat ---
+
+def detect_job(env):
+    """Scheduler facts from the job's environment (Slurm, PBS, LSF, SGE), or None."""
+    if env.get("SLURM_JOB_ID"):
+        return {"scheduler": "slurm", "id": env["SLURM_JOB_ID"], "name": env.get("SLURM_JOB_NAME"),
+                "array_id": env.get("SLURM_ARRAY_JOB_ID"), "array_index": env.get("SLURM_ARRAY_TASK_ID"),
+                "partition": env.get("SLURM_JOB_PARTITION"), "nodes": env.get("SLURM_JOB_NODELIST"),
+                "restart_count": env.get("SLURM_RESTART_COUNT"),
+                "end_time": parse_epoch_text(env.get("SLURM_JOB_END_TIME"))}
+    if env.get("PBS_JOBID"):
+        return {"scheduler": "pbs", "id": env["PBS_JOBID"], "name": env.get("PBS_JOBNAME"),
+                "array_id": None, "array_index": env.get("PBS_ARRAY_INDEX") or env.get("PBS_ARRAYID"),
+                "partition": env.get("PBS_QUEUE"), "nodes": None}
+    if env.get("LSB_JOBID"):
+        index = env.get("LSB_JOBINDEX")
+        return {"scheduler": "lsf", "id": env["LSB_JOBID"], "name": env.get("LSB_JOBNAME"),
+                "array_id": None, "array_index": index if index not in (None, "0") else None,
+                "partition": env.get("LSB_QUEUE"), "nodes": env.get("LSB_HOSTS")}
+    if env.get("JOB_ID") and (env.get("SGE_TASK_ID") or env.get("SGE_ROOT")):
+        index = env.get("SGE_TASK_ID")
+        return {"scheduler": "sge", "id": env["JOB_ID"], "name": env.get("JOB_NAME"),
+                "array_id": None, "array_index": index if index not in (None, "undefined") else None,
+                "partition": env.get("QUEUE"), "nodes": None}
+    return None
+
+
+def parse_epoch_text(text):
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def job_label(job):
+    if not job:
+        return None
+    label = "%s %s" % (job["scheduler"], job["id"])
+    if job.get("array_index") is not None and job.get("array_id"):
+        label = "%s %s_%s" % (job["scheduler"], job["array_id"], job["array_index"])
+    return label + (" (%s)" % job["name"] if job.get("name") else "")
+
+
+def default_run_name(name, job, work_dir):
+    if name:
+        return name
+    if job and job.get("name") and job["name"] not in ("bash", "sh", "interactive", "zsh"):
+        return job["name"]
+    return os.path.basename(os.path.abspath(work_dir)) or "run"
+
+
+def new_run_id(now, host):
+    return "%s-%s-%d-%s" % (time.strftime("%Y%m%d-%H%M%S", time.localtime(now)),
+                            re.sub(r"[^A-Za-z0-9_-]", "_", host.split(".")[0]), os.getpid(),
+                            os.urandom(2).hex())
+
+
+def open_new_log(log_dir, now, job):
+    """A log file that did not exist before: train_YYYYMMDD_HHMMSS[_job][_n].log, O_EXCL."""
+    os.makedirs(log_dir, exist_ok=True)
+    stem = "train_" + time.strftime("%Y%m%d_%H%M%S", time.localtime(now))
+    if job:
+        tag = job.get("id") if job.get("array_index") is None else \
+            "%s_%s" % (job.get("array_id") or job["id"], job["array_index"])
+        stem += "_" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(tag))
+    for attempt in range(LOG_NAME_TRIES):
+        path = os.path.join(log_dir, stem + ("_%d" % attempt if attempt else "") + ".log")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644), path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise HpcrunError("cannot create log in '%s': %s" % (log_dir, error.strerror))
+    raise HpcrunError("cannot create log in '%s': too many logs named %s*" % (log_dir, stem))
+
+
+def child_argv(command, program):
+    if program:
+        return list(program)
+    shell = shutil.which("bash") or "/bin/sh"
+    return [shell, "-c", command]
+
+
+def child_env(env, run_id, log_path):
+    child = dict(env)
+    child.setdefault("PYTHONUNBUFFERED", "1")
+    child["HPCRUN_RUN_ID"] = run_id
+    child["HPCRUN_LOG_FILE"] = log_path
+    return child
+
+
+def enlarge_pipe(fd):
+    """A larger pipe buffer means fewer, larger reads (Linux F_SETPIPE_SZ; best effort)."""
+    try:
+        import fcntl
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except (ImportError, OSError):
+        pass
+
+
+class Relay(threading.Thread):
+    """Copies the training's output, as raw bytes in large chunks, to stdout and the log.
+
+    A failing log write (disk full, quota) stops the log, never the relay: the training
+    must not block on its wrapper.
+    """
+
+    def __init__(self, source_fd, log_fd, out_fd):
+        threading.Thread.__init__(self, name="relay", daemon=True)
+        self.source_fd = source_fd
+        self.log_fd = log_fd
+        self.out_fd = out_fd
+        self.bytes = 0
+        self.last_chunk = b""
+        self.log_error = None
+
+    def run(self):
+        read, source = os.read, self.source_fd
+        while True:
+            try:
+                chunk = read(source, READ_CHUNK)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.bytes += len(chunk)
+            self.last_chunk = chunk
+            self.write_out(chunk)
+            self.write_log(chunk)
+
+    def write_out(self, chunk):
+        if self.out_fd is None:
+            return
+        try:
+            write_all(self.out_fd, chunk)
+        except OSError:
+            self.out_fd = None  # stdout gone (closed pipe): keep logging
+
+    def write_log(self, chunk):
+        if self.log_fd is None:
+            return
+        try:
+            write_all(self.log_fd, chunk)
+        except OSError as error:
+            self.log_error = "log incomplete: write failed after %d bytes: %s" % (
+                self.bytes - len(chunk), error.strerror or error)
+            self.log_fd = None
+
+    def last_line(self):
+        return last_line_of(self.last_chunk)
+
+
+def descendants(pid):
+    """Pids of every process below pid, from /proc (best effort, Linux)."""
+    children = {}
+    for entry in list_dir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stream:
+                fields = stream.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), ()):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def signal_tree(pid, number):
+    for target in [pid] + descendants(pid):
+        try:
+            os.kill(target, number)
+        except OSError:
+            pass
+
+
+def read_cgroup_oom_kills(root="/sys/fs/cgroup"):
+    """The oom_kill counter of this process's memory cgroup (v2 or v1), or None."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as stream:
+            lines = stream.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and not parts[1]:
+            candidates = [os.path.join(root, parts[2].lstrip("/"), "memory.events")]
+        elif "memory" in parts[1].split(","):
+            candidates = [os.path.join(root, "memory", parts[2].lstrip("/"), "memory.oom_control")]
+        else:
+            continue
+        for path in candidates:
+            count = read_counter(path, "oom_kill")
+            if count is not None:
+                return count
+    return None
+
+
+def read_counter(path, name):
+    try:
+        with open(path, encoding="utf-8") as stream:
+            for line in stream:
+                key, _, value = line.partition(" ")
+                if key == name and value.strip().isdigit():
+                    return int(value)
+    except OSError:
+        pass
+    return None
+
+
+def slurm_grace(default, runner=subprocess.run):
+    """Seconds the wrapper may wait for the training after SIGTERM: max(KillWait, 5) - 3 on Slurm."""
+    try:
+        result = runner(["scontrol", "show", "config"], stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, universal_newlines=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return default
+    match = re.search(r"^KillWait\s*=\s*(\d+)", result.stdout or "", re.M)
+    return max(int(match.group(1)), 5) - 3 if match else default
+
+
+def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oom_after):
+    """(status, exit_code, signal name, cause) of a finished or stopped training."""
+    if wrapper_signal:
+        name = signal_name(wrapper_signal)
+        end_time = (job or {}).get("end_time")
+        if name == "SIGINT":
+            cause = "interrupted"
+        elif end_time and signal_time >= end_time - 60:
+            cause = "time_limit"
+        elif name == "SIGXCPU":
+            cause = "cpu_limit"
+        else:
+            cause = "cancelled"
+        return "terminated", 128 + wrapper_signal, name, cause
+    if returncode is not None and returncode < 0:
+        name = signal_name(-returncode)
+        if name == "SIGKILL" and oom_before is not None and (oom_after or 0) > oom_before:
+            cause = "oom"
+        else:
+            cause = "crash" if name in CRASH_SIGNALS else "signal"
+        return "killed", 128 - returncode, name, cause
+    code = returncode if returncode is not None else 1
+    return ("success" if code == 0 else "failed"), code, None, "exit_code"
+
+
+class Wrapper(object):
+    """One wrapped training: its records, its child, its signals."""
+
+    def __init__(self, args, config, env, now=time.time):
+        self.args = args
+        self.config = config
+        self.env = env
+        self.now = now
+        self.work_dir = os.path.abspath(args.work_dir)
+        self.host = socket.gethostname()
+        self.job = detect_job(env)
+        self.start_time = now()
+        self.run_id = new_run_id(self.start_time, self.host)
+        self.name = default_run_name(args.name, self.job, self.work_dir)
+        self.command = args.command if args.command else " ".join(shlex.quote(a) for a in args.program)
+        self.child = None
+        self.child_exit_time = None
+        self.relay = None
+        self.seq = 0
+        self.signals = []            # (signal number, wall time) in order of arrival
+        self.warnings = []
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.forward = set(signal_number(name) for name in (args.forward_signal or []))
+
+    def paths(self, sub):
+        return os.path.join(state_dir(self.work_dir, sub), self.run_id + ".json")
+
+    def base_record(self):
+        return {
+            "schema": SCHEMA_VERSION, "hpcrun_version": __version__, "run_id": self.run_id,
+            "name": self.name, "command": self.command, "work_dir": self.work_dir,
+            "host": self.host, "pid": os.getpid(), "start_time": self.start_time,
+            "started": format_local_time(self.start_time), "job": self.job,
+            "log_file": os.path.relpath(self.log_path, self.work_dir),
+        }
+
+    def start(self):
+        if not os.path.isdir(self.work_dir):
+            raise HpcrunError("work dir '%s' does not exist" % self.args.work_dir)
+        make_state_dirs(self.work_dir)
+        log_dir = os.path.join(self.work_dir, self.args.log_dir or self.config.get("wrap", "log_dir"))
+        self.log_fd, self.log_path = open_new_log(log_dir, self.start_time, self.job)
+        self.write_running()
+        self.oom_before = read_cgroup_oom_kills()
+        stdin = None if sys.stdin is not None and sys.stdin.isatty() else subprocess.DEVNULL
+        try:
+            self.child = subprocess.Popen(
+                child_argv(self.args.command, self.args.program), cwd=self.work_dir,
+                env=child_env(self.env, self.run_id, self.log_path), stdin=stdin,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        except OSError as error:
+            self.finish_without_child("cannot start '%s': %s" % (self.command, error.strerror))
+            raise HpcrunError("cannot start '%s': %s" % (self.command, error.strerror))
+        enlarge_pipe(self.child.stdout.fileno())
+        self.relay = Relay(self.child.stdout.fileno(), self.log_fd, sys.stdout.fileno())
+        self.relay.start()
+        threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
+
+    def running_record(self):
+        record = self.base_record()
+        record.update(seq=self.seq, written_at=self.now(),
+                      heartbeat_interval=self.config.get("wrap", "heartbeat_interval"),
+                      log_size=self.relay.bytes if self.relay else 0,
+                      last_line=self.relay.last_line() if self.relay else "",
+                      warnings=list(self.warnings))
+        return record
+
+    def write_running(self):
+        with self.lock:
+            if self.stopped.is_set() and self.seq:
+                return
+            self.seq += 1
+            try:
+                write_json_atomic(self.paths("running"), self.running_record())
+            except OSError as error:
+                print_warning("cannot write heartbeat: %s" % (error.strerror or error))
+
+    def heartbeat(self):
+        interval = max(1.0, self.config.get("wrap", "heartbeat_interval"))
+        while not self.stopped.wait(interval):
+            self.write_running()
+
+    def on_signal(self, number, frame):
+        name = signal_name(number)
+        if number in [signal_number(s) for s in WARNING_SIGNALS]:
+            self.warnings.append("%s received at %s" % (name, format_local_time(self.now())))
+            if number in self.forward and self.child:
+                signal_tree(self.child.pid, number)
+            threading.Thread(target=self.write_running, daemon=True).start()
+            return
+        self.signals.append((number, self.now()))
+        if self.stopped.is_set():
+            return
+        if len(self.signals) == 1:
+            self.write_completion(final=False)
+            threading.Thread(target=self.forward_and_wait, args=(number,), daemon=True).start()
+        elif self.child and self.child.returncode is None:
+            signal_tree(self.child.pid, number if len(self.signals) == 2 else signal.SIGKILL)
+
+    def forward_and_wait(self, number):
+        """Forward once to a training still alive after a second, then kill it after the grace."""
+        if self.child_exits_within(FORWARD_DELAY):
+            return
+        if not (number == signal.SIGINT and terminal_delivered_sigint()):
+            signal_tree(self.child.pid, number)
+        if not self.child_exits_within(self.grace):
+            print_warning("training still running %.0fs after %s: killing it" % (self.grace, signal_name(number)))
+            signal_tree(self.child.pid, signal.SIGKILL)
+
+    def child_exits_within(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.child.returncode is not None or not process_running(self.child.pid):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def wait(self):
+        returncode = self.child.wait()
+        self.child_exit_time = self.now()
+        self.drain()
+        return returncode
+
+    def drain(self):
+        """Let the relay finish what the training wrote; stop when its pipe goes idle (orphans)."""
+        seen = -1
+        while self.relay.is_alive() and self.relay.bytes != seen:
+            seen = self.relay.bytes
+            self.relay.join(DRAIN_IDLE)
+
+    def completion_record(self, returncode, final):
+        signals = [(n, t) for n, t in self.signals if t <= (self.child_exit_time or t)]
+        number, when = signals[0] if signals else (None, None)
+        oom_after = read_cgroup_oom_kills() if final else None
+        status, exit_code, sig, cause = classify_ending(
+            returncode, number, when, self.job, self.oom_before, oom_after)
+        end_time = self.now()
+        record = self.base_record()
+        record.update(status=status, exit_code=exit_code, signal=sig, cause=cause, final=final,
+                      end_time=end_time, timestamp=format_local_time(end_time),
+                      duration=end_time - self.start_time, log_size=self.relay.bytes if self.relay else 0)
+        if returncode is not None:
+            record["child_returncode"] = returncode
+        if self.relay and self.relay.log_error:
+            record["log_error"] = self.relay.log_error
+        if self.warnings:
+            record["warnings"] = list(self.warnings)
+        return record
+
+    def write_completion(self, final, returncode=None):
+        record = self.completion_record(returncode, final)
+        write_json_atomic(self.paths("done"), record)
+        return record
+
+    def finish(self, returncode):
+        self.stopped.set()
+        with self.lock:
+            record = self.write_completion(final=True, returncode=returncode)
+            remove_quietly(self.paths("running"))
+        os.close(self.log_fd)
+        return record
+
+    def finish_without_child(self, reason):
+        self.stopped.set()
+        record = self.completion_record(127, True)
+        record.update(status="failed", exit_code=127, cause="start_failed", log_error=reason)
+        write_json_atomic(self.paths("done"), record)
+        remove_quietly(self.paths("running"))
+
+
+def process_running(pid):
+    """False once pid has exited (zombie included)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stream:
+            return stream.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return pid_alive(pid)
+
+
+def terminal_delivered_sigint():
+    """Ctrl-C at a terminal reaches the whole foreground group, the training included."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def install_signal_handlers(handler):
+    previous = {}
+    for name in TERMINATING_SIGNALS + WARNING_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, handler)
+    return previous
+
+
+def restore_signal_handlers(previous):
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+def slurm_launch_warning(job, ppid_comm):
+    """Under Slurm the wrapper must be the step's top process, or the time limit SIGKILLs it silently."""
+    if not job or job["scheduler"] != "slurm" or ppid_comm is None:
+        return None
+    if ppid_comm.strip() in ("slurmstepd", "srun"):
+        return None
+    return ("the wrapper is not the job step's top process (parent: %s): at the time limit Slurm "
+            "kills it without warning. Start it with 'exec python3 hpcrun.py wrap ...' or "
+            "'srun python3 hpcrun.py wrap ...' in the batch script" % ppid_comm.strip())
+
+
+def read_parent_comm():
+    try:
+        with open("/proc/%d/comm" % os.getppid(), encoding="utf-8", errors="replace") as stream:
+            return stream.read()
+    except OSError:
+        return None
+
+
+def wrap_training(args, config, env):
+    """Run the training under the wrapper; the completion record is on disk when this returns."""
+    wrapper = Wrapper(args, config, env)
+    warning = slurm_launch_warning(wrapper.job, read_parent_comm())
+    if warning:
+        print_warning(warning)
+    wrapper.grace = config.get("wrap", "grace") or DEFAULT_GRACE
+    if wrapper.job and wrapper.job["scheduler"] == "slurm" and not config.get("wrap", "grace"):
+        wrapper.grace = slurm_grace(DEFAULT_GRACE)
+    previous = install_signal_handlers(wrapper.on_signal)
+    try:
+        wrapper.start()
+        returncode = wrapper.wait()
+        record = wrapper.finish(returncode)
+    finally:
+        restore_signal_handlers(previous)
+    if record.get("log_error"):
+        print_warning(record["log_error"])
+    return wrapper, record
+
+
+# --- report: title and body from a record ---
+
+class Report(object):
+    """What a channel sends: a title, header lines that always survive, and a log tail."""
+
+    def __init__(self, title, header, tail, language, max_chars):
+        self.title = title
+        self.header = header
+        self.tail = tail
+        self.language = language
+        self.max_chars = max_chars
+
+    def text(self, limit, unit="chars"):
+        """The body within a channel's limit and [report] max_chars: the tail is cut from the top."""
+        limit = min(limit, self.max_chars) if unit == "chars" else limit
+        return fit_text(self.header, self.tail, limit, unit, MESSAGES[self.language])
+
+
+def report_fields(record):
+    duration = record.get("duration")
+    if duration is None and record.get("start_time") and record.get("end_time"):
+        duration = record["end_time"] - record["start_time"]
+    return {
+        "name": record.get("name") or record.get("run_id") or "?",
+        "duration": format_duration(duration) if duration is not None else "?",
+        "exit_code": record.get("exit_code", "?"),
+        "signal": record.get("signal") or "?",
+    }
+
+
+def build_report(record, config, work_dir):
+    """The report of a completion record, in the configured language, with the log tail."""
+    language = config.get("notify", "language")
+    messages = MESSAGES[language]
+    status = record.get("status") if record.get("status") in STATUSES else "unknown"
+    fields = report_fields(record)
+    title = messages["title_" + status].format(**fields)
+    header = report_header(record, messages, status, fields)
+    tail = report_tail(record, work_dir, config.get("report", "include_last_n_lines"), messages)
+    return Report(title, header, tail, language, config.get("report", "max_chars"))
+
+
+def report_header(record, messages, status, fields):
+    job = record.get("job") if isinstance(record.get("job"), dict) else None
+    rows = [
+        ("field_status", messages["status_" + status]),
+        ("field_exit_code", record.get("exit_code")),
+        ("field_signal", record.get("signal")),
+        ("field_cause", record.get("cause") if record.get("cause") != "exit_code" else None),
+        ("field_name", fields["name"]),
+        ("field_command", record.get("command")),
+        ("field_work_dir", record.get("work_dir")),
+        ("field_host", record.get("host")),
+        ("field_job", job_label(job)),
+        ("field_start", format_local_time(record["start_time"]) if record.get("start_time") else None),
+        ("field_end", format_local_time(record["end_time"]) if record.get("end_time") else None),
+        ("field_duration", fields["duration"] if fields["duration"] != "?" else None),
+        ("field_log", record.get("log_file")),
+    ]
+    header = ["%s: %s" % (messages[key], value) for key, value in rows if value not in (None, "")]
+    if record.get("final") is False:
+        header.append(messages["provisional"])
+    for note in (record.get("log_error"), record.get("note")):
+        if note:
+            header.append(str(note))
+    return header
+
+
+def report_tail(record, work_dir, line_count, messages):
+    log_file = record.get("log_file")
+    if not log_file or not line_count:
+        return []
+    path = os.path.join(work_dir, log_file)
+    try:
+        lines = read_tail(path, line_count)
+    except OSError as error:
+        return [messages["no_log"].format(reason=error.strerror or error)]
+    if not lines:
+        return [messages["no_log"].format(reason="empty")]
+    return [messages["tail_header"].format(n=len(lines))] + lines
+
+
+def test_report(config, channel):
+    messages = MESSAGES[config.get("notify", "language")]
+    body = messages["test_body"].format(channel=channel, host=socket.gethostname(),
+                                        time=format_local_time(time.time()))
+    return Report(messages["title_test"], [body], [], config.get("notify", "language"),
+                  config.get("report", "max_chars"))
+
+
+# --- channels: one small sender each, one shared HTTP helper ---
+
+def http_post_json(url, payload, timeout, secrets, headers=None):
+    """POST JSON; (status, body bytes) for any HTTP answer. No redirect is followed."""
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, hdrs, newurl):
+            return None
+
+    data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    request = urllib.request.Request(url, data=data, method="POST")
+    request.add_header("Content-Type", "application/json; charset=utf-8")
+    request.add_header("User-Agent", USER_AGENT)
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.read(1 << 20)
+    except urllib.error.HTTPError as error:
+        try:
+            body = error.read(1 << 20)
+        except OSError:
+            body = b""
+        return error.code, body
+    except urllib.error.URLError as error:
+        raise ChannelError(redact("cannot connect: %s" % (error.reason,), secrets))
+    except socket.timeout:
+        raise ChannelError("no answer within %gs" % timeout)
+    except (OSError, ValueError) as error:
+        raise ChannelError(redact("request failed: %s" % (error,), secrets))
+
+
+def decode_json_body(body):
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def describe_answer(status, body, secrets):
+    """'HTTP 500', with the service's code and message when its body has them."""
+    parts = ["HTTP %d" % status]
+    answer = decode_json_body(body)
+    if answer is None:
+        snippet = " ".join(body.decode("utf-8", errors="replace").split())[:120]
+        parts.append("non-JSON answer" + (": %s" % snippet if snippet else ""))
+    else:
+        if "code" in answer:
+            parts.append("code %s" % answer.get("code"))
+        message = answer.get("msg") or answer.get("message")
+        if message:
+            parts.append(str(message)[:200])
+    return redact(", ".join(parts), secrets)
+
+
+def is_retryable(status):
+    return status == 429 or status >= 500 or status < 200
+
+
+def send_console(settings, report, secrets=()):
+    sys.stdout.write("%s\n%s\n" % (report.title, report.text(report.max_chars)))
+    sys.stdout.flush()
+
+
+def send_xxtui(settings, report, secrets=()):
+    from urllib.parse import quote
+    key = settings["api_key"]
+    url = settings.get("url") or DEFAULTS["xxtui"]["url"]
+    url = url.replace("{key}", quote(key, safe="")) if "{key}" in url else \
+        url.rstrip("/") + "/" + quote(key, safe="")
+    payload = {"title": report.title[:100], "content": report.text(4000),
+               "from": settings.get("from") or "hpcrun"}
+    if settings.get("channel"):
+        payload["channel"] = settings["channel"]
+    status, body = http_post_json(url, payload, float(settings.get("timeout") or 10), secrets)
+    answer = decode_json_body(body)
+    if 200 <= status < 300 and answer is not None and str(answer.get("code")).strip() == "0":
+        return
+    raise ChannelError(describe_answer(status, body, secrets), retryable=is_retryable(status))
+
+
+SENDERS = {
+    "console": send_console,
+    "xxtui": send_xxtui,
+}
+
+
+def send_report(name, kind, settings, report, config):
+    """Send through one channel; ChannelError with the service's own words on failure."""
+    try:
+        SENDERS[kind](settings, report, config.secrets)
+    except ChannelError as error:
+        raise ChannelError(redact(str(error), config.secrets), error.retryable, error.retry_after)
+
+
+# --- monitor: scan, decide, deliver ---
+
+class Monitor(object):
+    """Finds completion records in the work dirs and delivers each to every channel once."""
+
+    def __init__(self, config, channels, log, now=time.time):
+        self.config = config
+        self.channels = channels
+        self.log = log
+        self.now = now
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+
+    def poll(self, work_dirs):
+        """One pass over every work dir: (delivered, failed, pending) counts."""
+        totals = [0, 0, 0]
+        for work_dir in work_dirs:
+            try:
+                counts = self.poll_dir(work_dir)
+            except (HpcrunError, OSError) as error:
+                self.log("error: %s" % error)
+                totals[1] += 1
+                continue
+            totals = [a + b for a, b in zip(totals, counts)]
+        return tuple(totals)
+
+    def poll_dir(self, work_dir):
+        """(delivered, failed, pending) for one work dir; one bad record never stops the others."""
+        counts = {"delivered": 0, "failed": 0, "pending": 0}
+        items, counts["pending"] = self.claim_all(work_dir)
+        for run_id, claimed in items:
+            try:
+                result = self.handle(work_dir, run_id, claimed)
+            except (HpcrunError, OSError) as error:
+                self.log("error: %s: %s" % (run_id, redact(error, self.config.secrets)))
+                result = "failed"
+            counts[result] += 1
+        return counts["delivered"], counts["failed"], counts["pending"]
+
+    def claim_all(self, work_dir):
+        """Claim every record due for delivery: abandoned claims, legacy and new records.
+
+        Returns the claims and how many records wait for a later retry."""
+        if not os.path.isdir(work_dir):
+            raise HpcrunError("work dir '%s' is not a directory" % work_dir)
+        claimed_dir = state_dir(work_dir, "claimed")
+        items = self.take_over_claims(work_dir)
+        legacy = os.path.join(work_dir, LEGACY_RECORD)
+        if os.path.lexists(legacy):
+            os.makedirs(claimed_dir, exist_ok=True)
+            run_id = "legacy-" + time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(2).hex()
+            target = claim_record(legacy, claimed_dir, run_id, self.host, self.pid)
+            if target:
+                items.append((run_id, target))
+        waiting = 0
+        done_dir = state_dir(work_dir, "done")
+        for filename in list_dir(done_dir):
+            if not filename.endswith(".json") or filename.startswith("."):
+                continue
+            run_id = filename[:-5]
+            if not self.due(work_dir, run_id):
+                waiting += 1
+                continue
+            target = claim_record(os.path.join(done_dir, filename), claimed_dir, run_id,
+                                  self.host, self.pid)
+            if target:
+                items.append((run_id, target))
+        return items, waiting
+
+    def take_over_claims(self, work_dir):
+        """Claims left by a monitor that died: on this host at once, elsewhere after claim_timeout."""
+        claimed_dir = state_dir(work_dir, "claimed")
+        items = []
+        for filename in list_dir(claimed_dir):
+            parsed = parse_claim_name(filename)
+            if not parsed:
+                continue
+            run_id, host, pid = parsed
+            path = os.path.join(claimed_dir, filename)
+            if host == self.host and (pid == self.pid or not pid_alive(pid)):
+                abandoned = True
+            else:
+                abandoned = self.claim_age(path) > self.config.get("monitor", "claim_timeout")
+            if abandoned:
+                target = claim_record(path, claimed_dir, run_id, self.host, self.pid)
+                if target:
+                    items.append((run_id, target))
+        return items
+
+    def claim_age(self, path):
+        try:
+            return self.now() - os.lstat(path).st_ctime
+        except OSError:
+            return 0
+
+    def due(self, work_dir, run_id):
+        state = read_delivery_state(work_dir, run_id)
+        return state.get("next_try", 0) <= self.now()
+
+    def handle(self, work_dir, run_id, claimed):
+        record = self.load(work_dir, run_id, claimed)
+        report = build_report(record, self.config, work_dir)
+        state = read_delivery_state(work_dir, run_id)
+        accepted = set(state.get("accepted", []))
+        errors = []
+        for name, kind, settings in self.channels:
+            if name in accepted:
+                continue
+            try:
+                send_report(name, kind, settings, report, self.config)
+            except ChannelError as error:
+                errors.append((name, error))
+                continue
+            accepted.add(name)
+            state["accepted"] = sorted(accepted)
+            write_delivery_state(work_dir, run_id, state)
+        if errors:
+            return self.retry_later(work_dir, run_id, claimed, record, state, errors)
+        self.archive(work_dir, run_id, claimed, record)
+        return "delivered"
+
+    def load(self, work_dir, run_id, claimed):
+        """The record behind a claim; an unreadable one becomes a report of its own."""
+        try:
+            data = read_json_file(claimed)
+            if run_id.startswith("legacy-"):
+                return legacy_to_record(data, work_dir, run_id)
+            return check_record(data, claimed)
+        except HpcrunError as error:
+            self.log("error: %s" % error)
+            return {"run_id": run_id, "name": run_id, "status": "unknown", "final": True,
+                    "work_dir": work_dir, "note": str(error)}
+
+    def retry_later(self, work_dir, run_id, claimed, record, state, errors):
+        failures = int(state.get("failures", 0)) + 1
+        delay = min(self.config.get("monitor", "retry_max"),
+                    self.config.get("monitor", "retry_base") * 2 ** (failures - 1))
+        hints = [e.retry_after for _, e in errors if e.retry_after]
+        if hints:
+            delay = max(delay, max(hints))
+        if not any(e.retryable for _, e in errors):
+            delay = max(delay, self.config.get("monitor", "retry_max"))
+        state.update(failures=failures, next_try=self.now() + delay,
+                     last_error="; ".join("%s: %s" % (n, e) for n, e in errors))
+        write_delivery_state(work_dir, run_id, state)
+        release_claim(claimed, os.path.join(state_dir(work_dir, "done"), run_id + ".json"))
+        for name, error in errors:
+            self.log("push failed: %s via %s: %s (attempt %d, next in %s)"
+                     % (describe_run(record), name, error, failures, format_duration(delay)))
+        return "failed"
+
+    def archive(self, work_dir, run_id, claimed, record):
+        os.makedirs(state_dir(work_dir, "sent"), exist_ok=True)
+        os.replace(claimed, os.path.join(state_dir(work_dir, "sent"), run_id + ".json"))
+        remove_quietly(os.path.join(state_dir(work_dir, "delivery"), run_id + ".json"))
+        remove_quietly(os.path.join(state_dir(work_dir, "running"), run_id + ".json"))
+        self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
+
+
+def describe_run(record):
+    return "%s (%s, %s)" % (record.get("name") or "?", record.get("run_id") or "?",
+                            record.get("status") or "?")
+
+
+def read_delivery_state(work_dir, run_id):
+    path = os.path.join(state_dir(work_dir, "delivery"), run_id + ".json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        return read_json_file(path)
+    except HpcrunError:
+        return {}
+
+
+def write_delivery_state(work_dir, run_id, state):
+    directory = state_dir(work_dir, "delivery")
+    os.makedirs(directory, exist_ok=True)
+    write_json_atomic(os.path.join(directory, run_id + ".json"), state)
+
+
+def release_claim(claimed, done_path):
+    try:
+        os.makedirs(os.path.dirname(done_path), exist_ok=True)
+        os.rename(claimed, done_path)
+    except OSError:
+        pass  # a later poll takes over the claim
+
+
+def run_monitor(monitor, work_dirs, interval, once, stop):
+    """Poll until stopped; with once, a single pass. Returns the exit status."""
+    while True:
+        delivered, failed, pending = monitor.poll(work_dirs)
+        if once:
+            return 1 if failed or pending else 0
+        if stop.wait(interval):
+            return 0
+
+
+def make_logger(stream=None):
+    def log(message):
+        out = stream or sys.stdout
+        out.write("%s %s\n" % (format_log_time(time.time()), message))
+        out.flush()
+    return log
+
+
+# --- status ---
+
+def collect_runs(work_dir):
+    """Every run hpcrun knows of in work_dir that is not yet reported, newest first."""
+    runs = []
+    for sub, state in (("running", "running"), ("done", "finished, waiting to be reported"),
+                       ("claimed", "being delivered")):
+        for filename in list_dir(state_dir(work_dir, sub)):
+            if filename.startswith("."):
+                continue
+            path = os.path.join(state_dir(work_dir, sub), filename)
+            try:
+                record = read_json_file(path)
+            except HpcrunError as error:
+                record = {"run_id": filename, "note": str(error)}
+            run_id = record.get("run_id") or filename
+            delivery = read_delivery_state(work_dir, run_id)
+            runs.append(status_entry(work_dir, sub, state, record, delivery))
+    if os.path.lexists(os.path.join(work_dir, LEGACY_RECORD)):
+        runs.append({"work_dir": work_dir, "run_id": LEGACY_RECORD, "name": LEGACY_RECORD,
+                     "state": "finished, waiting to be reported", "start_time": None,
+                     "elapsed": None, "last_line": ""})
+    done_ids = {r["run_id"] for r in runs if r["state"] != "running"}
+    return [r for r in runs if not (r["state"] == "running" and r["run_id"] in done_ids)]
+
+
+def status_entry(work_dir, sub, state, record, delivery):
+    start = record.get("start_time")
+    end = record.get("end_time") if sub != "running" else None
+    if delivery.get("failures"):
+        state = "delivery failed %d time(s): %s" % (delivery["failures"], delivery.get("last_error", ""))
+    last_line = record.get("last_line") if sub == "running" else ""
+    if not last_line and record.get("log_file"):
+        try:
+            lines = read_tail(os.path.join(work_dir, record["log_file"]), 1)
+            last_line = lines[-1] if lines else ""
+        except OSError:
+            last_line = ""
+    return {"work_dir": work_dir, "run_id": record.get("run_id"), "name": record.get("name"),
+            "state": state, "status": record.get("status"), "start_time": start,
+            "elapsed": ((end or time.time()) - start) if start else None,
+            "host": record.get("host"), "log_file": record.get("log_file"),
+            "last_line": last_line or ""}
+
+
+def format_status_line(run):
+    return "%s  %s  started %s  %s  %s" % (
+        run.get("name") or run.get("run_id"), run["state"] + (" (%s)" % run["status"] if run.get("status") else ""),
+        format_local_time(run["start_time"]) if run.get("start_time") else "-",
+        format_duration(run["elapsed"]) if run.get("elapsed") is not None else "-",
+        run.get("last_line") or "")
+
+
+# --- commands ---
+
+def print_warning(message):
+    sys.stderr.write("hpcrun: warning: %s\n" % message)
+    sys.stderr.flush()
+
+
+def config_for(args, overrides=None):
+    config = load_config(args.config, overrides or {})
+    for warning in config.warnings:
+        print_warning(warning)
+    return config
+
+
+def wrap_overrides(args):
+    return {"wrap": {"log_dir": args.log_dir}} if args.log_dir else {}
+
+
+def cmd_wrap(args):
+    config = config_for(args, wrap_overrides(args))
+    wrapper, record = wrap_training(args, config, os.environ)
+    return record["exit_code"]
+
+
+def cmd_run(args):
+    config = config_for(args, wrap_overrides(args))
+    channels = resolve_channels(config)
+    wrapper, record = wrap_training(args, config, os.environ)
+    monitor = Monitor(config, channels, make_logger(sys.stderr))
+    delivered, failed, pending = monitor.poll_dir(wrapper.work_dir)
+    if failed or pending:
+        print_warning("the report could not be pushed now: its record stays in '%s' and a "
+                      "monitor will deliver it" % state_dir(wrapper.work_dir, "done"))
+    return record["exit_code"]
+
+
+def cmd_monitor(args):
+    overrides = {"monitor": {"interval": args.interval}} if args.interval is not None else {}
+    config = config_for(args, overrides)
+    channels = resolve_channels(config)
+    if [kind for _, kind, _ in channels] == ["console"]:
+        print_warning("no push channel configured: reports are only printed here "
+                      "(see config.ini.example)")
+    work_dirs = [os.path.abspath(d) for d in args.work_dir]
+    monitor = Monitor(config, channels, make_logger())
+    stop = threading.Event()
+    previous = {number: signal.signal(number, lambda n, f: stop.set())
+                for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if not args.once:
+            monitor.log("monitor started: pid %d, %d dir(s), every %gs"
+                        % (os.getpid(), len(work_dirs), config.get("monitor", "interval")))
+        status = run_monitor(monitor, work_dirs, max(0.1, config.get("monitor", "interval")),
+                             args.once, stop)
+        if not args.once:
+            monitor.log("monitor stopped")
+        return status
+    finally:
+        restore_signal_handlers(previous)
+
+
+def cmd_status(args):
+    runs = []
+    for work_dir in args.work_dir:
+        runs.extend(collect_runs(os.path.abspath(work_dir)))
+    if args.json:
+        print(json.dumps(runs, ensure_ascii=False, indent=1, sort_keys=True))
+    elif not runs:
+        print("no runs")
+    for run in runs if not args.json else ():
+        print(format_status_line(run))
+    return 0
+
+
+def cmd_notify(args):
+    config = config_for(args)
+    channels = resolve_channels(config)
+    failed = 0
+    for name, kind, settings in channels:
+        try:
+            send_report(name, kind, settings, test_report(config, name), config)
+        except ChannelError as error:
+            failed += 1
+            print("%s: failed: %s" % (name, error))
+        else:
+            print("%s: ok" % name)
+    return 1 if failed else 0
+
+
+def cmd_version(args):
+    with open(os.path.abspath(__file__), "rb") as stream:
+        digest = hashlib.sha256(stream.read()).hexdigest()[:12]
+    print("hpcrun %s (sha256 %s)" % (__version__, digest))
+    return 0
+
+
+# --- command line ---
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="hpcrun", description="Wrap a training on the compute node, report its end from the login node.")
+    parser.add_argument("--version", action="store_true", help="print the version and the file's sha256")
+    commands = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+
+    def add(name, help_text, func):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=func)
+        sub.add_argument("--config", metavar="FILE", help="config file (default: see README)")
+        return sub
+
+    for name, help_text, func in (("wrap", "run a training and leave a completion record", cmd_wrap),
+                                  ("run", "wrap a training, then push its report at once", cmd_run)):
+        sub = add(name, help_text, func)
+        sub.add_argument("--work-dir", required=True, metavar="DIR")
+        sub.add_argument("--command", metavar="CMD", help="shell command, run by bash in DIR")
+        sub.add_argument("--log-dir", metavar="DIR", help="log directory, relative to DIR (default: logs)")
+        sub.add_argument("--name", help="run name shown in reports")
+        sub.add_argument("--forward-signal", action="append", metavar="SIG",
+                         help="also forward this warning signal (USR1, USR2) to the training")
+        sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARG... (instead of --command)")
+    sub = add("monitor", "push reports of finished runs", cmd_monitor)
+    sub.add_argument("--work-dir", action="append", required=True, metavar="DIR")
+    sub.add_argument("--interval", type=float, metavar="SECONDS", help="poll interval (default 60)")
+    sub.add_argument("--once", action="store_true", help="poll once and exit (for cron)")
+    sub = add("status", "list runs and their state", cmd_status)
+    sub.add_argument("--work-dir", action="append", required=True, metavar="DIR")
+    sub.add_argument("--json", action="store_true")
+    sub = add("notify", "send a test message through every configured channel", cmd_notify)
+    sub.add_argument("--test", action="store_true", required=True)
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        args.func = cmd_version
+        return args
+    if not getattr(args, "func", None):
+        parser.error("a command is required (wrap, monitor, run, status, notify)")
+    if args.func in (cmd_wrap, cmd_run):
+        program = args.program[1:] if args.program[:1] == ["--"] else args.program
+        if bool(args.command) == bool(program):
+            parser.error("give the training either as --command \"CMD\" or after --")
+        args.program = program
+    if getattr(args, "interval", None) is not None and args.interval <= 0:
+        parser.error("--interval must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except HpcrunError as error:
+        sys.stderr.write("hpcrun: error: %s\n" % error)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
