@@ -40,6 +40,7 @@ STATE_DIR = ".hpcrun"
 STATE_SUBDIRS = ("running", "done", "claimed", "delivery", "sent")
 LEGACY_RECORD = ".train_complete.json"
 STATUSES = ("success", "failed", "killed", "terminated")
+EVENT_STATUSES = ("lost", "recovered", "stalled", "resumed")
 USER_AGENT = "hpcrun/" + __version__
 
 # config.ini.example mirrors this dict key by key; the type of each default is the
@@ -59,6 +60,8 @@ DEFAULTS = {
         "retry_base": 30.0,
         "retry_max": 3600.0,
         "claim_timeout": 600.0,
+        "stale_after": 0.0,
+        "stall_after": 1800.0,
     },
     "wrap": {
         "log_dir": "logs",
@@ -92,6 +95,16 @@ TAIL_BLOCK = 1 << 16
 TAIL_MAX_BYTES = 1 << 20
 LINE_MAX_CHARS = 500
 LOG_NAME_TRIES = 1000
+SCHEDULER_TIMEOUT = 10       # seconds for one squeue/scontrol/qstat/bjobs call
+ALIVE_JOB_STATES = ("RUNNING", "PENDING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING",
+                    "R", "Q", "H", "S", "E", "RUN", "PEND", "PSUSP", "USUSP", "SSUSP", "r", "qw", "t")
+SCHEDULER_CAUSES = {
+    "TIMEOUT": "time_limit", "DEADLINE": "time_limit", "OUT_OF_MEMORY": "oom",
+    "NODE_FAIL": "node_fail", "BOOT_FAIL": "node_fail", "CANCELLED": "cancelled",
+    "PREEMPTED": "preempted", "FAILED": "exit_code", "COMPLETED": "exit_code",
+    "TERM_RUNLIMIT": "time_limit", "TERM_MEMLIMIT": "oom", "TERM_OWNER": "cancelled",
+    "TERM_ADMIN": "cancelled", "TERM_PREEMPT": "preempted",
+}
 
 ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 
@@ -102,6 +115,28 @@ MESSAGES = {
         "title_killed": "💀 训练被杀死 {name} · {signal} · {duration}",
         "title_terminated": "🛑 训练被终止 {name} · {signal} · {duration}",
         "title_unknown": "❓ 训练记录异常 {name}",
+        "title_lost": "⚠️ 训练失联 {name} · 心跳已停 {silence}",
+        "title_recovered": "🔄 训练心跳恢复 {name}",
+        "title_stalled": "⏸️ 训练无输出 {name} · 已 {silence}",
+        "title_resumed": "▶️ 训练恢复输出 {name}",
+        "status_lost": "失联（没有完成记录，心跳停止）",
+        "status_recovered": "心跳恢复（之前报告过失联）",
+        "status_stalled": "心跳正常但日志 {silence} 没有增长（可能卡住）",
+        "status_resumed": "日志重新开始增长",
+        "field_scheduler": "调度器",
+        "field_last_heartbeat": "最后心跳",
+        "field_last_line": "最后一行",
+        "cause_time_limit": "达到作业时间上限",
+        "cause_cancelled": "被取消（scancel/qdel 或收到终止信号）",
+        "cause_preempted": "被抢占",
+        "cause_oom": "内存不足（OOM）",
+        "cause_crash": "程序崩溃",
+        "cause_interrupted": "被中断（Ctrl-C）",
+        "cause_signal": "被信号杀死",
+        "cause_node_fail": "节点故障",
+        "cause_cpu_limit": "达到 CPU 时间上限",
+        "cause_start_failed": "无法启动命令",
+        "cause_unknown": "未知",
         "title_test": "🔔 hpcrun 测试消息",
         "status_success": "成功",
         "status_failed": "失败",
@@ -133,6 +168,28 @@ MESSAGES = {
         "title_killed": "💀 Training killed {name} · {signal} · {duration}",
         "title_terminated": "🛑 Training terminated {name} · {signal} · {duration}",
         "title_unknown": "❓ Unreadable run record {name}",
+        "title_lost": "⚠️ Training lost {name} · no heartbeat for {silence}",
+        "title_recovered": "🔄 Training heartbeat back {name}",
+        "title_stalled": "⏸️ Training stalled {name} · no output for {silence}",
+        "title_resumed": "▶️ Training output resumed {name}",
+        "status_lost": "lost (no completion record, heartbeat stopped)",
+        "status_recovered": "heartbeat back (reported lost before)",
+        "status_stalled": "heartbeat alive but no log output for {silence} (hung?)",
+        "status_resumed": "log output resumed",
+        "field_scheduler": "Scheduler",
+        "field_last_heartbeat": "Last heartbeat",
+        "field_last_line": "Last line",
+        "cause_time_limit": "time limit reached",
+        "cause_cancelled": "cancelled (scancel/qdel or a stop signal)",
+        "cause_preempted": "preempted",
+        "cause_oom": "out of memory (OOM)",
+        "cause_crash": "crash",
+        "cause_interrupted": "interrupted (Ctrl-C)",
+        "cause_signal": "killed by a signal",
+        "cause_node_fail": "node failure",
+        "cause_cpu_limit": "CPU time limit reached",
+        "cause_start_failed": "the command could not be started",
+        "cause_unknown": "unknown",
         "title_test": "🔔 hpcrun test message",
         "status_success": "success",
         "status_failed": "failed",
@@ -585,7 +642,7 @@ def check_record(data, path):
             isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok:
             raise HpcrunError("record '%s': field '%s' has the wrong type" % (path, key))
-    if data.get("status") not in STATUSES:
+    if data.get("status") not in STATUSES + EVENT_STATUSES:
         raise HpcrunError("record '%s': unknown status '%s'" % (path, data.get("status")))
     if int(data.get("schema") or 1) > SCHEMA_VERSION:
         data["note"] = "record schema %s is newer than this hpcrun (%d)" % (data.get("schema"),
@@ -668,6 +725,18 @@ def list_dir(path):
 
 # --- wrap: child process, output relay, signals, heartbeat ---
 
+def run_quietly(argv, runner=subprocess.run):
+    """stdout of a scheduler command, or None when it is missing, fails or hangs."""
+    if not shutil.which(argv[0]):
+        return None
+    try:
+        result = runner(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                        universal_newlines=True, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
 def detect_job(env):
     """Scheduler facts from the job's environment (Slurm, PBS, LSF, SGE), or None."""
     if env.get("SLURM_JOB_ID"):
@@ -690,6 +759,24 @@ def detect_job(env):
         return {"scheduler": "sge", "id": env["JOB_ID"], "name": env.get("JOB_NAME"),
                 "array_id": None, "array_index": index if index not in (None, "undefined") else None,
                 "partition": env.get("QUEUE"), "nodes": None}
+    return None
+
+
+def job_end_time(job, start_time, env, runner=subprocess.run):
+    """When the scheduler will stop the job (epoch), asked once at start; None when unknown."""
+    if not job:
+        return None
+    if job.get("end_time"):
+        return job["end_time"]
+    if job["scheduler"] == "slurm":
+        text = run_quietly(["squeue", "-h", "-j", job["id"], "-o", "%e"], runner)
+        try:
+            return time.mktime(time.strptime((text or "").strip(), "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            return None
+    walltime = env.get("PBS_WALLTIME")
+    if job["scheduler"] == "pbs" and walltime and walltime.isdigit():
+        return start_time + int(walltime)
     return None
 
 
@@ -1004,7 +1091,7 @@ class Wrapper(object):
     def on_signal(self, number, frame):
         name = signal_name(number)
         if number in [signal_number(s) for s in WARNING_SIGNALS]:
-            self.warnings.append("%s received at %s" % (name, format_local_time(self.now())))
+            self.warnings.append(signal_warning(name, self.now(), (self.job or {}).get("end_time")))
             if number in self.forward and self.child:
                 signal_tree(self.child.pid, number)
             threading.Thread(target=self.write_running, daemon=True).start()
@@ -1089,6 +1176,13 @@ class Wrapper(object):
         remove_quietly(self.paths("running"))
 
 
+def signal_warning(name, now, end_time):
+    text = "%s received at %s" % (name, format_local_time(now))
+    if end_time:
+        text += " (time limit in ~%s)" % format_duration(max(0, end_time - now))
+    return text
+
+
 def process_running(pid):
     """False once pid has exited (zombie included)."""
     try:
@@ -1142,6 +1236,8 @@ def read_parent_comm():
 def wrap_training(args, config, env):
     """Run the training under the wrapper; the completion record is on disk when this returns."""
     wrapper = Wrapper(args, config, env)
+    if wrapper.job:
+        wrapper.job["end_time"] = job_end_time(wrapper.job, wrapper.start_time, env)
     warning = slurm_launch_warning(wrapper.job, read_parent_comm())
     if warning:
         print_warning(warning)
@@ -1187,6 +1283,7 @@ def report_fields(record):
         "duration": format_duration(duration) if duration is not None else "?",
         "exit_code": record.get("exit_code", "?"),
         "signal": record.get("signal") or "?",
+        "silence": format_duration(record.get("silence") or 0),
     }
 
 
@@ -1194,7 +1291,7 @@ def build_report(record, config, work_dir):
     """The report of a completion record, in the configured language, with the log tail."""
     language = config.get("notify", "language")
     messages = MESSAGES[language]
-    status = record.get("status") if record.get("status") in STATUSES else "unknown"
+    status = record.get("status") if record.get("status") in STATUSES + EVENT_STATUSES else "unknown"
     fields = report_fields(record)
     title = messages["title_" + status].format(**fields)
     header = report_header(record, messages, status, fields)
@@ -1205,15 +1302,20 @@ def build_report(record, config, work_dir):
 def report_header(record, messages, status, fields):
     job = record.get("job") if isinstance(record.get("job"), dict) else None
     rows = [
-        ("field_status", messages["status_" + status]),
+        ("field_status", messages["status_" + status].format(**fields)),
         ("field_exit_code", record.get("exit_code")),
         ("field_signal", record.get("signal")),
-        ("field_cause", record.get("cause") if record.get("cause") != "exit_code" else None),
+        ("field_cause", messages.get("cause_%s" % record.get("cause"), record.get("cause"))
+         if record.get("cause") != "exit_code" else None),
         ("field_name", fields["name"]),
         ("field_command", record.get("command")),
         ("field_work_dir", record.get("work_dir")),
         ("field_host", record.get("host")),
         ("field_job", job_label(job)),
+        ("field_scheduler", record.get("scheduler_state")),
+        ("field_last_heartbeat", format_local_time(record["last_heartbeat"])
+         if record.get("last_heartbeat") else None),
+        ("field_last_line", record.get("last_line") if status in EVENT_STATUSES else None),
         ("field_start", format_local_time(record["start_time"]) if record.get("start_time") else None),
         ("field_end", format_local_time(record["end_time"]) if record.get("end_time") else None),
         ("field_duration", fields["duration"] if fields["duration"] != "?" else None),
@@ -1254,6 +1356,7 @@ def test_report(config, channel):
 
 def http_post_json(url, payload, timeout, secrets, headers=None):
     """POST JSON; (status, body bytes) for any HTTP answer. No redirect is followed."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -1270,19 +1373,29 @@ def http_post_json(url, payload, timeout, secrets, headers=None):
     opener = urllib.request.build_opener(NoRedirect)
     try:
         with opener.open(request, timeout=timeout) as response:
-            return response.status, response.read(1 << 20)
+            return response.status, response.read(1 << 20), response.headers
     except urllib.error.HTTPError as error:
         try:
             body = error.read(1 << 20)
-        except OSError:
+        except (OSError, http.client.HTTPException):
             body = b""
-        return error.code, body
+        return error.code, body, error.headers
     except urllib.error.URLError as error:
         raise ChannelError(redact("cannot connect: %s" % (error.reason,), secrets))
     except socket.timeout:
         raise ChannelError("no answer within %gs" % timeout)
-    except (OSError, ValueError) as error:
-        raise ChannelError(redact("request failed: %s" % (error,), secrets))
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        raise ChannelError(redact("request failed: %s" % (error.__class__.__name__ + (
+            ": %s" % error if str(error) else "")), secrets))
+
+
+def retry_after(headers):
+    """Seconds from a Retry-After header (delta form), or None."""
+    value = (headers or {}).get("Retry-After") if headers is not None else None
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def decode_json_body(body):
@@ -1328,11 +1441,12 @@ def send_xxtui(settings, report, secrets=()):
                "from": settings.get("from") or "hpcrun"}
     if settings.get("channel"):
         payload["channel"] = settings["channel"]
-    status, body = http_post_json(url, payload, float(settings.get("timeout") or 10), secrets)
+    status, body, headers = http_post_json(url, payload, float(settings.get("timeout") or 10), secrets)
     answer = decode_json_body(body)
     if 200 <= status < 300 and answer is not None and str(answer.get("code")).strip() == "0":
         return
-    raise ChannelError(describe_answer(status, body, secrets), retryable=is_retryable(status))
+    raise ChannelError(describe_answer(status, body, secrets), retryable=is_retryable(status),
+                       retry_after=retry_after(headers))
 
 
 SENDERS = {
@@ -1351,16 +1465,139 @@ def send_report(name, kind, settings, report, config):
 
 # --- monitor: scan, decide, deliver ---
 
+def query_scheduler(job, runner=subprocess.run):
+    """The scheduler's word on a job: {"state", "reason", "exit_code"} or None when it knows nothing."""
+    if not isinstance(job, dict) or not job.get("id"):
+        return None
+    job_id = str(job["id"])
+    scheduler = job.get("scheduler")
+    if scheduler == "slurm":
+        return parse_scontrol_job(run_quietly(["scontrol", "show", "job", job_id], runner)) or \
+            parse_sacct(run_quietly(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"], runner))
+    if scheduler == "pbs":
+        return parse_qstat_f(run_quietly(["qstat", "-x", "-f", job_id], runner) or
+                             run_quietly(["qstat", "-f", job_id], runner))
+    if scheduler == "lsf":
+        return parse_bjobs(run_quietly(["bjobs", "-l", job_id], runner))
+    if scheduler == "sge":
+        if run_quietly(["qstat", "-j", job_id], runner):
+            return {"state": "RUNNING", "reason": None, "exit_code": None}
+        return parse_qacct(run_quietly(["qacct", "-j", job_id], runner))
+    return None
+
+
+def parse_scontrol_job(text):
+    match = re.search(r"\bJobState=(\S+)", text or "")
+    if not match:
+        return None
+    reason = re.search(r"\bReason=(\S+)", text)
+    exit_code = re.search(r"\bExitCode=(\S+)", text)
+    return {"state": match.group(1), "reason": reason.group(1) if reason else None,
+            "exit_code": exit_code.group(1) if exit_code else None}
+
+
+def parse_sacct(text):
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    fields = lines[0].split("|")
+    return {"state": fields[0].split()[0], "reason": None,
+            "exit_code": fields[1] if len(fields) > 1 else None}
+
+
+def parse_qstat_f(text):
+    state = re.search(r"job_state = (\S+)", text or "")
+    if not state:
+        return None
+    exit_status = re.search(r"Exit_status = (-?\d+)", text)
+    code = exit_status.group(1) if exit_status else None
+    name = {"R": "RUNNING", "Q": "PENDING", "H": "PENDING", "S": "SUSPENDED", "E": "RUNNING"}.get(
+        state.group(1), "FINISHED")
+    if code == "-29":
+        name = "TIMEOUT"
+    return {"state": name, "reason": None, "exit_code": code}
+
+
+def parse_bjobs(text):
+    status = re.search(r"Status <(\w+)>", text or "")
+    if not status:
+        return None
+    term = re.search(r"\b(TERM_\w+)", text)
+    state = term.group(1) if term else {"RUN": "RUNNING", "PEND": "PENDING"}.get(status.group(1), status.group(1))
+    return {"state": state, "reason": None, "exit_code": None}
+
+
+def parse_qacct(text):
+    if not text:
+        return None
+    failed = re.search(r"^failed\s+(.+)$", text, re.M)
+    exit_status = re.search(r"^exit_status\s+(\d+)", text, re.M)
+    reason = failed.group(1).strip() if failed else None
+    state = "FAILED" if reason and not reason.startswith("0") else "COMPLETED"
+    if exit_status and exit_status.group(1) == "137":
+        state = "CANCELLED"
+    return {"state": state, "reason": reason, "exit_code": exit_status.group(1) if exit_status else None}
+
+
+def describe_verdict(verdict):
+    if not verdict:
+        return None
+    parts = [verdict["state"]]
+    if verdict.get("reason") and verdict["reason"] not in ("None", "(null)"):
+        parts.append("reason %s" % verdict["reason"])
+    if verdict.get("exit_code"):
+        parts.append("exit %s" % verdict["exit_code"])
+    return ", ".join(parts)
+
+
+def event_record(running, status, **details):
+    """A report-only record about a run that has not ended (lost, recovered, stalled, resumed)."""
+    record = {key: running.get(key) for key in (
+        "name", "command", "work_dir", "host", "pid", "start_time", "started", "job", "log_file")}
+    record.update(schema=SCHEMA_VERSION, hpcrun_version=__version__, status=status, final=True,
+                  run_id="%s~%s" % (running.get("run_id"), status), base_run_id=running.get("run_id"),
+                  last_heartbeat=running.get("written_at"), last_line=running.get("last_line"),
+                  timestamp=format_local_time(time.time()))
+    record.update(details)
+    return record
+
+
+def create_marker(path, data):
+    """Create a marker once across monitors (O_EXCL); False when it already exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        write_all(fd, json.dumps(data).encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as stream:
+            return stream.read().strip()
+    except OSError:
+        return None
+
 class Monitor(object):
     """Finds completion records in the work dirs and delivers each to every channel once."""
 
-    def __init__(self, config, channels, log, now=time.time):
+    def __init__(self, config, channels, log, now=time.time, clock=time.monotonic,
+                 scheduler=query_scheduler):
         self.config = config
         self.channels = channels
         self.log = log
         self.now = now
+        self.clock = clock
+        self.scheduler = scheduler
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.watches = {}            # run_id -> what this monitor saw of its heartbeat, when
+        self.persist_watches = False  # --once: keep them on disk between runs
 
     def poll(self, work_dirs):
         """One pass over every work dir: (delivered, failed, pending) counts."""
@@ -1378,6 +1615,7 @@ class Monitor(object):
     def poll_dir(self, work_dir):
         """(delivered, failed, pending) for one work dir; one bad record never stops the others."""
         counts = {"delivered": 0, "failed": 0, "pending": 0}
+        self.watch_dir(work_dir)
         items, counts["pending"] = self.claim_all(work_dir)
         for run_id, claimed in items:
             try:
@@ -1500,11 +1738,120 @@ class Monitor(object):
                      % (describe_run(record), name, error, failures, format_duration(delay)))
         return "failed"
 
+    def watch_dir(self, work_dir):
+        """Read each running record once and turn silence into lost/stalled reports."""
+        running_dir = state_dir(work_dir, "running")
+        names = [name for name in list_dir(running_dir) if name.endswith(".json") and name[0] != "."]
+        watches = self.load_watches(work_dir) if self.persist_watches else self.watches
+        for filename in names:
+            run_id = filename[:-5]
+            try:
+                running = read_json_file(os.path.join(running_dir, filename))
+            except HpcrunError:
+                continue  # ended and removed between listdir and open, or being replaced
+            self.observe(work_dir, run_id, running, watches)
+        if self.persist_watches:
+            live = set(name[:-5] for name in names)
+            self.save_watches(work_dir, {k: v for k, v in watches.items() if k in live})
+
+    def observe(self, work_dir, run_id, running, watches):
+        now = self.clock()
+        seq, size = running.get("seq"), running.get("log_size")
+        watch = watches.setdefault(run_id, {"seq": seq, "seq_at": now, "size": size, "size_at": now})
+        if seq != watch["seq"]:
+            watch.update(seq=seq, seq_at=now)
+            self.heartbeat_back(work_dir, run_id, running)
+        if size != watch["size"]:
+            watch.update(size=size, size_at=now)
+            self.output_back(work_dir, run_id, running)
+        heartbeat = float(running.get("heartbeat_interval") or DEFAULTS["wrap"]["heartbeat_interval"])
+        stale_after = self.config.get("monitor", "stale_after") or max(3 * heartbeat, heartbeat + 120)
+        stall_after = self.config.get("monitor", "stall_after")
+        if now - watch["seq_at"] > stale_after:
+            if not self.declare_lost(work_dir, run_id, running, now - watch["seq_at"]):
+                watch["seq_at"] = now  # the scheduler says it runs: look again later
+        elif stall_after and now - watch["size_at"] > stall_after:
+            self.declare_stalled(work_dir, run_id, running, now - watch["size_at"])
+
+    def marker(self, work_dir, run_id, kind):
+        return os.path.join(state_dir(work_dir, "running"), "%s.%s" % (run_id, kind))
+
+    def ended(self, work_dir, run_id):
+        if any(os.path.exists(os.path.join(state_dir(work_dir, sub), run_id + ".json"))
+               for sub in ("done", "sent")):
+            return True
+        return any(name.startswith(run_id + ".json.") for name in list_dir(state_dir(work_dir, "claimed")))
+
+    def declare_lost(self, work_dir, run_id, running, silence):
+        """Report a run whose heartbeat stopped, once; False when the scheduler says it still runs."""
+        if os.path.exists(self.marker(work_dir, run_id, "lost")) or self.ended(work_dir, run_id):
+            return True
+        verdict = self.scheduler(running.get("job"))
+        if verdict and verdict["state"] in ALIVE_JOB_STATES:
+            self.log("heartbeat of %s silent for %s, but the scheduler says %s"
+                     % (describe_run(running), format_duration(silence), verdict["state"]))
+            return False
+        if not create_marker(self.marker(work_dir, run_id, "lost"), {"seq": running.get("seq")}):
+            return True
+        cause = SCHEDULER_CAUSES.get(verdict["state"], "unknown") if verdict else "unknown"
+        record = event_record(running, "lost", cause=cause, silence=silence,
+                              scheduler_state=describe_verdict(verdict))
+        write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
+        self.log("lost: %s: no heartbeat for %s%s" % (describe_run(running), format_duration(silence),
+                                                     ", scheduler: " + describe_verdict(verdict)
+                                                     if verdict else ""))
+        return True
+
+    def heartbeat_back(self, work_dir, run_id, running):
+        lost = self.marker(work_dir, run_id, "lost")
+        if os.path.exists(lost) and create_marker(self.marker(work_dir, run_id, "recovered"), {}):
+            record = event_record(running, "recovered")
+            write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
+            self.log("recovered: %s: heartbeat back" % describe_run(running))
+
+    def declare_stalled(self, work_dir, run_id, running, silence):
+        if not create_marker(self.marker(work_dir, run_id, "stalled"), {"log_size": running.get("log_size")}):
+            return
+        record = event_record(running, "stalled", silence=silence)
+        record["run_id"] += "-%d" % int(running.get("seq") or 0)
+        write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
+        self.log("stalled: %s: no output for %s" % (describe_run(running), format_duration(silence)))
+
+    def output_back(self, work_dir, run_id, running):
+        try:
+            os.unlink(self.marker(work_dir, run_id, "stalled"))
+        except OSError:
+            return  # not stalled, or another monitor reports the resume
+        record = event_record(running, "resumed")
+        record["run_id"] += "-%d" % int(running.get("seq") or 0)
+        write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
+        self.log("resumed: %s: log output again" % describe_run(running))
+
+    def watch_path(self, work_dir):
+        return os.path.join(work_dir, STATE_DIR, "watch.%s.json" % self.host)
+
+    def load_watches(self, work_dir):
+        """What an earlier --once on this host saw; monotonic times hold until a reboot."""
+        try:
+            data = read_json_file(self.watch_path(work_dir))
+        except HpcrunError:
+            return {}
+        runs = data.get("runs")
+        return runs if data.get("boot_id") == boot_id() and isinstance(runs, dict) else {}
+
+    def save_watches(self, work_dir, watches):
+        try:
+            write_json_atomic(self.watch_path(work_dir), {"boot_id": boot_id(), "runs": watches})
+        except OSError as error:
+            self.log("error: cannot save watch state in '%s': %s" % (work_dir, error.strerror))
+
     def archive(self, work_dir, run_id, claimed, record):
         os.makedirs(state_dir(work_dir, "sent"), exist_ok=True)
         os.replace(claimed, os.path.join(state_dir(work_dir, "sent"), run_id + ".json"))
         remove_quietly(os.path.join(state_dir(work_dir, "delivery"), run_id + ".json"))
-        remove_quietly(os.path.join(state_dir(work_dir, "running"), run_id + ".json"))
+        if record.get("status") in STATUSES:
+            for suffix in (".json", ".lost", ".recovered", ".stalled"):
+                remove_quietly(os.path.join(state_dir(work_dir, "running"), run_id + suffix))
         self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
 
 
@@ -1563,7 +1910,7 @@ def collect_runs(work_dir):
     for sub, state in (("running", "running"), ("done", "finished, waiting to be reported"),
                        ("claimed", "being delivered")):
         for filename in list_dir(state_dir(work_dir, sub)):
-            if filename.startswith("."):
+            if filename.startswith(".") or not (filename.endswith(".json") or sub == "claimed"):
                 continue
             path = os.path.join(state_dir(work_dir, sub), filename)
             try:
@@ -1584,6 +1931,14 @@ def collect_runs(work_dir):
 def status_entry(work_dir, sub, state, record, delivery):
     start = record.get("start_time")
     end = record.get("end_time") if sub != "running" else None
+    if sub == "running":
+        marker = os.path.join(state_dir(work_dir, "running"), str(record.get("run_id")))
+        if os.path.exists(marker + ".recovered"):
+            state = "running (heartbeat back after lost)"
+        elif os.path.exists(marker + ".lost"):
+            state = "lost (no heartbeat)"
+        elif os.path.exists(marker + ".stalled"):
+            state = "running, stalled (no output)"
     if delivery.get("failures"):
         state = "delivery failed %d time(s): %s" % (delivery["failures"], delivery.get("last_error", ""))
     last_line = record.get("last_line") if sub == "running" else ""
@@ -1653,6 +2008,7 @@ def cmd_monitor(args):
                       "(see config.ini.example)")
     work_dirs = [os.path.abspath(d) for d in args.work_dir]
     monitor = Monitor(config, channels, make_logger())
+    monitor.persist_watches = args.once
     stop = threading.Event()
     previous = {number: signal.signal(number, lambda n, f: stop.set())
                 for number in (signal.SIGTERM, signal.SIGINT)}
