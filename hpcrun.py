@@ -240,6 +240,20 @@ class ChannelError(HpcrunError):
 
 # --- pure helpers: formatting, parsing, tail reading, log cleaning ---
 
+def emit(text, stream=None):
+    """Write a line as UTF-8 whatever the locale (LANG=C on Python 3.6 would refuse Chinese)."""
+    stream = stream or sys.stdout
+    data = (text + "\n").encode("utf-8", errors="replace")
+    stream.flush()
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        buffer.write(data)
+        buffer.flush()
+    else:
+        stream.write(data.decode("utf-8"))
+        stream.flush()
+
+
 def format_duration(seconds):
     """Compact duration: 42s, 5m03s, 3h12m, 2d04h."""
     seconds = int(max(0, round(seconds or 0)))
@@ -262,7 +276,9 @@ def format_local_time(epoch):
 
 
 def format_log_time(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(epoch))
+    """ISO 8601 with the UTC offset: 2026-11-28T18:30:00+08:00."""
+    text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(epoch))
+    return text[:-2] + ":" + text[-2:]
 
 
 def parse_local_time(text):
@@ -378,17 +394,21 @@ def cut_to_size(text, limit, unit):
 class Config(object):
     """Merged settings, where they came from, and every secret value to keep out of output."""
 
-    def __init__(self, path, keys_path, sections, secrets, warnings):
+    def __init__(self, path, keys_path, sections, origins, warnings):
         self.path = path
         self.keys_path = keys_path
         self.sections = sections
-        self.secrets = secrets
+        self.origins = origins      # (section, key) -> where its value came from
+        self.secrets = set()
         self.warnings = warnings
 
     def get(self, section, key):
         return self.sections.get(section, {}).get(key, DEFAULTS.get(section, {}).get(key))
 
-    def where(self):
+    def where(self, section=None, key=None):
+        origin = self.origins.get((section, key))
+        if origin:
+            return origin
         return "config '%s'" % self.path if self.path else "settings"
 
 
@@ -436,15 +456,18 @@ def load_config(flag_path=None, overrides=None, env=None, script_dir=None):
     names = set(DEFAULTS) | set(file_sections) | set(key_sections)
     names |= set(parse_list(env.get(env_key("notify", "channels"))
                             or file_sections.get("notify", {}).get("channels")))
-    sections = {}
+    sections, origins = {}, {}
     for name in names:
         merged = dict(DEFAULTS.get(channel_type(name), {}))
-        merged.update(file_sections.get(name, {}))
-        merged.update(key_sections.get(name, {}))
-        merged.update(env_layer(env, name))
-        merged.update((overrides or {}).get(name, {}))
+        layers = ((file_sections.get(name, {}), lambda key: "config '%s'" % path),
+                  (key_sections.get(name, {}), lambda key: "keys file '%s'" % keys_path),
+                  (env_layer(env, name), lambda key: "environment %s" % env_key(name, key)),
+                  ((overrides or {}).get(name, {}), lambda key: "option --%s" % key.replace("_", "-")))
+        for values, origin in layers:
+            merged.update(values)
+            origins.update(((name, key), origin(key)) for key in values)
         sections[name] = merged
-    config = Config(path, keys_path, sections, set(), warnings)
+    config = Config(path, keys_path, sections, origins, warnings)
     check_config(config)
     config.secrets = collect_secrets(config)
     return config
@@ -487,22 +510,24 @@ def check_config(config):
         for key, value in sorted(values.items()):
             default = defaults.get(key)
             if key not in defaults and key not in SECRET_KEYS:
-                config.warnings.append("%s: unknown key [%s] %s" % (config.where(), name, key))
+                config.warnings.append("%s: unknown key [%s] %s" % (config.where(name, key), name, key))
             elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
                 values[key] = parse_number(value, type(default), config, name, key)
     language = config.get("notify", "language")
     if language not in LANGUAGES:
         raise ConfigError("%s: [notify] language: '%s' is not one of %s"
-                          % (config.where(), language, ", ".join(LANGUAGES)))
+                          % (config.where("notify", "language"), language, ", ".join(LANGUAGES)))
 
 
 def parse_number(value, kind, config, section, key):
     try:
         number = kind(str(value).strip())
     except ValueError:
-        raise ConfigError("%s: [%s] %s: '%s' is not a number" % (config.where(), section, key, value))
+        raise ConfigError("%s: [%s] %s: '%s' is not a number"
+                          % (config.where(section, key), section, key, value))
     if number < 0:
-        raise ConfigError("%s: [%s] %s: '%s' must not be negative" % (config.where(), section, key, value))
+        raise ConfigError("%s: [%s] %s: '%s' must not be negative"
+                          % (config.where(section, key), section, key, value))
     return number
 
 
@@ -527,7 +552,7 @@ def resolve_channels(config):
     for name in names:
         if channel_type(name) not in CHANNEL_TYPES:
             raise ConfigError("%s: [notify] channels: unknown channel '%s' (known: %s)"
-                              % (config.where(), name, ", ".join(CHANNEL_TYPES)))
+                              % (config.where("notify", "channels"), name, ", ".join(CHANNEL_TYPES)))
     channels = []
     for name in names:
         kind = channel_type(name)
@@ -1057,8 +1082,11 @@ class Wrapper(object):
                 env=child_env(self.env, self.run_id, self.log_path), stdin=stdin,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as error:
-            self.finish_without_child("cannot start '%s': %s" % (self.command, error.strerror))
-            raise HpcrunError("cannot start '%s': %s" % (self.command, error.strerror))
+            message = "cannot start '%s': %s" % (self.command, error.strerror)
+            self.finish_without_child(message)
+            failure = HpcrunError(message)
+            failure.exit_code = 127
+            raise failure
         enlarge_pipe(self.child.stdout.fileno())
         self.relay = Relay(self.child.stdout.fileno(), self.log_fd, sys.stdout.fileno())
         self.relay.start()
@@ -1423,12 +1451,12 @@ def describe_answer(status, body, secrets):
 
 
 def is_retryable(status):
-    return status == 429 or status >= 500 or status < 200
+    """A redirect or a 4xx other than 408/429 will not fix itself: retried only rarely."""
+    return not (300 <= status < 500) or status in (408, 429)
 
 
 def send_console(settings, report, secrets=()):
-    sys.stdout.write("%s\n%s\n" % (report.title, report.text(report.max_chars)))
-    sys.stdout.flush()
+    emit("%s\n%s" % (report.title, report.text(report.max_chars)))
 
 
 def send_xxtui(settings, report, secrets=()):
@@ -1598,6 +1626,7 @@ class Monitor(object):
         self.pid = os.getpid()
         self.watches = {}            # run_id -> what this monitor saw of its heartbeat, when
         self.persist_watches = False  # --once: keep them on disk between runs
+        self.dir_errors = {}         # work dir -> its last error, logged once until it changes
 
     def poll(self, work_dirs):
         """One pass over every work dir: (delivered, failed, pending) counts."""
@@ -1606,17 +1635,27 @@ class Monitor(object):
             try:
                 counts = self.poll_dir(work_dir)
             except (HpcrunError, OSError) as error:
-                self.log("error: %s" % error)
+                message = redact(error, self.config.secrets)
+                if self.dir_errors.get(work_dir) != message:
+                    self.log("error: %s" % message)
+                self.dir_errors[work_dir] = message
                 totals[1] += 1
                 continue
+            if self.dir_errors.pop(work_dir, None):
+                self.log("%s: readable again" % work_dir)
             totals = [a + b for a, b in zip(totals, counts)]
         return tuple(totals)
 
     def poll_dir(self, work_dir):
         """(delivered, failed, pending) for one work dir; one bad record never stops the others."""
+        if not os.path.isdir(work_dir):
+            raise HpcrunError("work dir '%s' is not a directory" % work_dir)
         counts = {"delivered": 0, "failed": 0, "pending": 0}
         self.watch_dir(work_dir)
         items, counts["pending"] = self.claim_all(work_dir)
+        return self.deliver_all(work_dir, items, counts)
+
+    def deliver_all(self, work_dir, items, counts):
         for run_id, claimed in items:
             try:
                 result = self.handle(work_dir, run_id, claimed)
@@ -1630,8 +1669,6 @@ class Monitor(object):
         """Claim every record due for delivery: abandoned claims, legacy and new records.
 
         Returns the claims and how many records wait for a later retry."""
-        if not os.path.isdir(work_dir):
-            raise HpcrunError("work dir '%s' is not a directory" % work_dir)
         claimed_dir = state_dir(work_dir, "claimed")
         items = self.take_over_claims(work_dir)
         legacy = os.path.join(work_dir, LEGACY_RECORD)
@@ -1655,6 +1692,13 @@ class Monitor(object):
             if target:
                 items.append((run_id, target))
         return items, waiting
+
+    def deliver_one(self, work_dir, run_id):
+        """Deliver one run's record now (run mode): (delivered, failed, pending)."""
+        claimed = claim_record(os.path.join(state_dir(work_dir, "done"), run_id + ".json"),
+                               state_dir(work_dir, "claimed"), run_id, self.host, self.pid)
+        items = [(run_id, claimed)] if claimed else []
+        return self.deliver_all(work_dir, items, {"delivered": 0, "failed": 0, "pending": 0})
 
     def take_over_claims(self, work_dir):
         """Claims left by a monitor that died: on this host at once, elsewhere after claim_timeout."""
@@ -1896,9 +1940,7 @@ def run_monitor(monitor, work_dirs, interval, once, stop):
 
 def make_logger(stream=None):
     def log(message):
-        out = stream or sys.stdout
-        out.write("%s %s\n" % (format_log_time(time.time()), message))
-        out.flush()
+        emit("%s %s" % (format_log_time(time.time()), message), stream)
     return log
 
 
@@ -1966,8 +2008,7 @@ def format_status_line(run):
 # --- commands ---
 
 def print_warning(message):
-    sys.stderr.write("hpcrun: warning: %s\n" % message)
-    sys.stderr.flush()
+    emit("hpcrun: warning: %s" % message, sys.stderr)
 
 
 def config_for(args, overrides=None):
@@ -1992,7 +2033,7 @@ def cmd_run(args):
     channels = resolve_channels(config)
     wrapper, record = wrap_training(args, config, os.environ)
     monitor = Monitor(config, channels, make_logger(sys.stderr))
-    delivered, failed, pending = monitor.poll_dir(wrapper.work_dir)
+    delivered, failed, pending = monitor.deliver_one(wrapper.work_dir, wrapper.run_id)
     if failed or pending:
         print_warning("the report could not be pushed now: its record stays in '%s' and a "
                       "monitor will deliver it" % state_dir(wrapper.work_dir, "done"))
@@ -2030,11 +2071,11 @@ def cmd_status(args):
     for work_dir in args.work_dir:
         runs.extend(collect_runs(os.path.abspath(work_dir)))
     if args.json:
-        print(json.dumps(runs, ensure_ascii=False, indent=1, sort_keys=True))
+        emit(json.dumps(runs, ensure_ascii=False, indent=1, sort_keys=True))
     elif not runs:
-        print("no runs")
+        emit("no runs")
     for run in runs if not args.json else ():
-        print(format_status_line(run))
+        emit(format_status_line(run))
     return 0
 
 
@@ -2047,16 +2088,16 @@ def cmd_notify(args):
             send_report(name, kind, settings, test_report(config, name), config)
         except ChannelError as error:
             failed += 1
-            print("%s: failed: %s" % (name, error))
+            emit("%s: failed: %s" % (name, error))
         else:
-            print("%s: ok" % name)
+            emit("%s: ok" % name)
     return 1 if failed else 0
 
 
 def cmd_version(args):
     with open(os.path.abspath(__file__), "rb") as stream:
         digest = hashlib.sha256(stream.read()).hexdigest()[:12]
-    print("hpcrun %s (sha256 %s)" % (__version__, digest))
+    emit("hpcrun %s (sha256 %s)" % (__version__, digest))
     return 0
 
 
@@ -2119,10 +2160,13 @@ def main(argv=None):
     try:
         return args.func(args)
     except HpcrunError as error:
-        sys.stderr.write("hpcrun: error: %s\n" % error)
+        emit("hpcrun: error: %s" % error, sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,787 @@
+"""Shared test support: a fake xxtui server, a sealed environment, running hpcrun.py.
+
+Python 3.6+, standard library only. Nothing here talks to anything but 127.0.0.1.
+"""
+
+import collections
+import errno
+import hashlib
+import http.server
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+import urllib.parse
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The file under test; HPCRUN_TEST_SCRIPT points the subprocess tests at another copy.
+HPCRUN = os.path.abspath(os.environ.get("HPCRUN_TEST_SCRIPT") or os.path.join(REPO, "hpcrun.py"))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# A key that cannot turn up in any output by accident.
+KEY = "xk7Q2TESTKEYm9Zp4v8W"
+LOG_NAME_RE = re.compile(r"^train_(\d{8}_\d{6}).*\.log$")
+ISO_LINE_RE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)(?=\s|$)")
+RECORD_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
+# How an English title may say at a glance that a run succeeded.
+SUCCESS_WORDS = r"(?i)succe|finished|complete|done|\bok\b|\u2705"
+ALLOWED_FIELDS = {"title", "content", "from", "channel"}
+SCHEDULER_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "PBS_", "LSB_", "LSF_", "SGE_")
+SCHEDULER_NAMES = ("JOB_ID", "JOB_NAME", "SGE_TASK_ID", "LSB_JOBID", "PBS_JOBID",
+                   "PE_HOSTFILE", "NSLOTS", "QUEUE")
+PROXY_NAMES = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy")
+
+# A training that says it started, then waits (bounded) until the file `go` appears in DIR.
+WAIT_FOR_GO = (
+    "import os, time\n"
+    "print('started')\n"
+    "print('step two')\n"
+    "deadline = time.time() + 30\n"
+    "while not os.path.exists('go') and time.time() < deadline:\n"
+    "    time.sleep(0.01)\n"
+    "print('finished')\n")
+
+
+# --- waiting on events ---
+
+def wait_for(predicate, timeout=10.0, interval=0.01):
+    """Poll predicate until it returns something true or timeout passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def refused_port():
+    """A port on 127.0.0.1 where nothing listens (bound, then closed)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+# --- the fake xxtui service ---
+
+class Reply(object):
+    """One scripted answer of FakeXxtui to a valid request."""
+
+    def __init__(self, kind, status=200, body=b"", content_type="application/json",
+                 seconds=0.0, location=None):
+        self.kind = kind
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.seconds = seconds
+        self.location = location
+
+    def __repr__(self):
+        return "Reply(%s, %s, %r)" % (self.kind, self.status, self.body[:60])
+
+    @classmethod
+    def json(cls, data, status=200):
+        return cls("http", status, json.dumps(data).encode("utf-8"))
+
+    @classmethod
+    def ok(cls):
+        return cls.json({"code": 0, "msg": "ok"})
+
+    @classmethod
+    def raw(cls, status, body, content_type="text/plain; charset=utf-8"):
+        if not isinstance(body, bytes):
+            body = body.encode("utf-8")
+        return cls("http", status, body, content_type)
+
+    @classmethod
+    def redirect(cls, status=302, location=None):
+        """A redirect; location defaults to the same path (key included) under /moved."""
+        return cls("redirect", status, b"", "text/html", location=location)
+
+    @classmethod
+    def hang(cls, seconds=8.0):
+        """Answer nothing for `seconds` (cut short when the server stops), then 200 ok."""
+        return cls("hang", seconds=seconds)
+
+    @classmethod
+    def drop(cls):
+        """Close the connection without any answer."""
+        return cls("drop")
+
+
+Request = collections.namedtuple("Request", "method path headers body json key problems")
+
+
+class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    block_on_close = False       # Python 3.7+: server_close() must not wait for a hung handler
+    allow_reuse_address = True
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "FakeXxtui/1.0"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.server.fake.handle(self)
+
+    do_GET = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_POST
+
+
+class FakeXxtui(object):
+    """An xxtui stand-in on 127.0.0.1 that checks each request as notify-apis.md §2 says.
+
+    `requests` holds every request (valid or not), `errors` every validation failure.
+    Valid requests get the next queued Reply, or 200 {"code":0,"msg":"ok"} when none is queued;
+    invalid ones get 400 and are not answered from the queue.
+    """
+
+    def __init__(self, key=KEY):
+        self.key = key
+        self.requests = []
+        self.errors = []
+        self._replies = collections.deque()
+        self._condition = threading.Condition()
+        self._stopping = threading.Event()
+        self._httpd = None
+        self._thread = None
+
+    # lifecycle
+    def start(self):
+        self._httpd = _HttpServer(("127.0.0.1", 0), _Handler)
+        self._httpd.fake = self
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05})
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._httpd is None:
+            return
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+        self._httpd = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # addresses
+    @property
+    def port(self):
+        return self._httpd.server_address[1]
+
+    @property
+    def base(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def url(self):
+        """The `[xxtui] url` template pointing at this server."""
+        return self.base + "/xxtui/{key}"
+
+    # scripting and inspection
+    def queue(self, *replies):
+        with self._condition:
+            self._replies.extend(replies)
+
+    def wait_for_requests(self, count, timeout=10.0):
+        with self._condition:
+            return self._condition.wait_for(lambda: len(self.requests) >= count, timeout)
+
+    @property
+    def valid_requests(self):
+        with self._condition:
+            return [request for request in self.requests if not request.problems]
+
+    @property
+    def bodies(self):
+        return [request.json for request in self.valid_requests]
+
+    def describe(self):
+        with self._condition:
+            lines = ["fake xxtui got %d request(s), errors %r" % (len(self.requests), self.errors)]
+            for request in self.requests:
+                lines.append("  %s %s %r problems=%r" % (request.method, request.path,
+                                                         request.json, request.problems))
+        return "\n".join(lines)
+
+    # the request handler (runs in the server's threads)
+    def handle(self, handler):
+        body = self._read_body(handler)
+        data, key, problems = self.check(handler.command, handler.path, handler.headers, body)
+        request = Request(handler.command, handler.path,
+                          dict((k.lower(), v) for k, v in handler.headers.items()),
+                          body, data, key, problems)
+        with self._condition:
+            number = len(self.requests) + 1
+            self.requests.append(request)
+            self.errors.extend("request %d: %s" % (number, p) for p in problems)
+            reply = None
+            if not problems and self._replies:
+                reply = self._replies.popleft()
+            self._condition.notify_all()
+        if problems:
+            reply = Reply.json({"code": 400, "msg": "fake xxtui: " + "; ".join(problems)}, 400)
+        self._answer(handler, reply or Reply.ok())
+
+    @staticmethod
+    def _read_body(handler):
+        length = handler.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            return b""
+        return handler.rfile.read(int(length))
+
+    def check(self, method, path, headers, body):
+        """Return (parsed body, key from the path, list of problems)."""
+        problems = []
+        if method != "POST":
+            problems.append("method %s, expected POST" % method)
+        key = None
+        parts = urllib.parse.urlsplit(path)
+        if parts.query:
+            problems.append("unexpected query string")
+        if not parts.path.startswith("/xxtui/"):
+            problems.append("path does not start with /xxtui/")
+        else:
+            segment = parts.path[len("/xxtui/"):]
+            if "/" in segment or not segment:
+                problems.append("key is not exactly one path segment")
+            try:
+                key = urllib.parse.unquote(segment, errors="strict")
+            except UnicodeDecodeError:
+                problems.append("key segment is not UTF-8 when unquoted")
+            if key != self.key:
+                problems.append("wrong key in the path")
+        problems.extend(self._check_headers(headers))
+        if headers.get("Transfer-Encoding"):
+            problems.append("chunked body, expected Content-Length")
+        data = None
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            problems.append("body is not UTF-8 JSON: %s" % error)
+        if data is not None:
+            problems.extend(self._check_fields(data))
+        return data, key, problems
+
+    @staticmethod
+    def _check_headers(headers):
+        problems = []
+        content_type = headers.get("Content-Type") or ""
+        parts = [part.strip().lower() for part in content_type.split(";")]
+        if parts[0] != "application/json":
+            problems.append("Content-Type %r, expected application/json" % content_type)
+        for parameter in parts[1:]:
+            if parameter.replace('"', "").replace(" ", "") not in ("charset=utf-8", ""):
+                problems.append("Content-Type parameter %r" % parameter)
+        agent = headers.get("User-Agent")
+        if not agent:
+            problems.append("no User-Agent")
+        elif agent.startswith("Python-urllib"):
+            problems.append("default User-Agent %r" % agent)
+        return problems
+
+    @staticmethod
+    def _check_fields(data):
+        if not isinstance(data, dict):
+            return ["body is %s, expected a JSON object" % type(data).__name__]
+        problems = []
+        extra = sorted(set(data) - ALLOWED_FIELDS)
+        if extra:
+            problems.append("unexpected fields %s" % extra)
+        if not isinstance(data.get("content"), str) or not data.get("content"):
+            problems.append("content missing, empty or not a string")
+        for name in ("title", "from"):
+            if not isinstance(data.get(name), str):
+                problems.append("%s missing or not a string" % name)
+        if "channel" in data and not isinstance(data["channel"], str):
+            problems.append("channel not a string")
+        return problems
+
+    def _answer(self, handler, reply):
+        try:
+            if reply.kind == "drop":
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if reply.kind == "hang":
+                if self._stopping.wait(reply.seconds):
+                    handler.close_connection = True
+                    return
+                reply = Reply.ok()
+            handler.send_response(reply.status)
+            if reply.kind == "redirect":
+                location = reply.location or self.base + "/moved" + handler.path
+                handler.send_header("Location", location)
+            handler.send_header("Content-Type", reply.content_type)
+            handler.send_header("Content-Length", str(len(reply.body)))
+            handler.end_headers()
+            handler.wfile.write(reply.body)
+        except OSError:
+            pass    # the client went away (timeout tests): nothing to answer
+
+
+# --- a sealed environment per test ---
+
+def sealed_env(base_env, home, hpcrun_home):
+    """A copy of base_env with nothing of the user's hpcrun setup, proxies or scheduler."""
+    env = {}
+    for name, value in base_env.items():
+        upper = name.upper()
+        if upper.startswith("HPCRUN_") or upper == "XXTUI_KEY":
+            continue
+        if name.lower() in PROXY_NAMES:
+            continue
+        if upper.startswith(SCHEDULER_PREFIXES) or upper in SCHEDULER_NAMES:
+            continue
+        if upper in ("PYTHONUNBUFFERED", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONIOENCODING",
+                     "PYTHONUTF8", "PYTHONWARNINGS", "PYTHONDONTWRITEBYTECODE"):
+            continue
+        env[name] = value
+    env.update({
+        "HOME": home,
+        "HPCRUN_HOME": hpcrun_home,
+        "no_proxy": "*",
+        "NO_PROXY": "*",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    })
+    env.setdefault("PATH", "/usr/bin:/bin")
+    return env
+
+
+def render_ini(sections):
+    """{"section": {"key": "value"}} -> INI text."""
+    lines = []
+    for section, values in sections.items():
+        lines.append("[%s]" % section)
+        for key, value in values.items():
+            lines.append("%s = %s" % (key, value))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge_sections(base, overrides):
+    merged = collections.OrderedDict()
+    for source in (base, overrides or {}):
+        for section, values in source.items():
+            merged.setdefault(section, collections.OrderedDict()).update(values)
+    return merged
+
+
+class Sandbox(object):
+    """A temp dir with HOME, HPCRUN_HOME, a work dir and a sealed environment inside."""
+
+    def __init__(self):
+        self.root = os.path.realpath(tempfile.mkdtemp(prefix="hpcrun-test-"))
+        self.home = self.path("home")
+        self.work = self.path("work")
+        self.hpcrun_home = self.path("home", ".hpcrun-state")
+        os.makedirs(self.home)
+        os.makedirs(self.work)
+        self.config_dir = self.path("home", ".config", "hpcrun")
+        self.config_path = os.path.join(self.config_dir, "config.ini")
+        self.keys_path = os.path.join(self.config_dir, "api_keys.ini")
+        self.secret_files = set()
+        self.env = sealed_env(os.environ, self.home, self.hpcrun_home)
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def cleanup(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def make_dir(self, *parts):
+        path = self.path(*parts)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def write_file(self, path, text, mode=None, secret=True):
+        if not os.path.isabs(path):
+            path = self.path(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = text if isinstance(text, bytes) else textwrap.dedent(text).encode("utf-8")
+        with open(path, "wb") as handle:
+            handle.write(data)
+        if mode is not None:
+            os.chmod(path, mode)
+        if secret:
+            self.secret_files.add(os.path.realpath(path))
+        return path
+
+    def write_config(self, text, path=None):
+        """Write a config (default: ~/.config/hpcrun/config.ini, found without --config)."""
+        if not isinstance(text, str):
+            text = render_ini(text)
+        return self.write_file(path or self.config_path, text)
+
+    def write_keys(self, text, path=None, mode=0o600):
+        if not isinstance(text, str):
+            text = render_ini(text)
+        return self.write_file(path or self.keys_path, text, mode=mode)
+
+    def files(self):
+        """Every file in the sandbox the test did not write as config or keys."""
+        found = []
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                path = os.path.realpath(os.path.join(directory, name))
+                if path not in self.secret_files and os.path.isfile(path):
+                    found.append(path)
+        return found
+
+
+# --- running hpcrun.py ---
+
+class Result(collections.namedtuple("Result", "returncode stdout stderr")):
+    """What a finished hpcrun.py printed (bytes) and its exit status."""
+
+    argv = ()
+    cwd = None
+    env_notes = ()
+
+    @property
+    def out(self):
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self):
+        return self.stderr.decode("utf-8", "replace")
+
+    def describe(self, limit=6000):
+        def clip(text):
+            return text if len(text) <= limit else "[... %d chars cut ...]\n%s" % (
+                len(text) - limit, text[-limit:])
+        command = " ".join(shlex.quote(arg) for arg in self.argv)
+        return ("\nran: (cd %s && %s%s)\nexit status: %s\n--- stdout ---\n%s\n--- stderr ---\n%s"
+                "\n--- end ---" % (shlex.quote(self.cwd or "."), "".join(
+                    "%s=%s " % (n, shlex.quote(v)) for n, v in self.env_notes),
+                    command, self.returncode, clip(self.out), clip(self.err)))
+
+
+def _make_result(argv, cwd, env, returncode, stdout, stderr):
+    result = Result(returncode, stdout, stderr)
+    result.argv = argv
+    result.cwd = cwd
+    result.env_notes = sorted((n, v) for n, v in (env or {}).items()
+                              if n.startswith("HPCRUN_") or n in ("XXTUI_KEY", "HOME"))
+    return result
+
+
+def hpcrun_argv(args, script=HPCRUN, python=sys.executable):
+    return [python, script] + [str(arg) for arg in args]
+
+
+def run_hpcrun(args, env, timeout=30, cwd=None, script=HPCRUN):
+    """Run hpcrun.py to the end; return Result(returncode, stdout, stderr)."""
+    argv = hpcrun_argv(args, script)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        stdout, stderr = proc.communicate()
+        result = _make_result(argv, cwd, env, None, stdout, stderr)
+        raise AssertionError("hpcrun did not finish within %ss%s" % (timeout, result.describe()))
+    return _make_result(argv, cwd, env, proc.returncode, stdout, stderr)
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError as error:
+        if error.errno != errno.ESRCH:
+            raise
+
+
+class Background(object):
+    """hpcrun.py running in the background, output going to files in the sandbox."""
+
+    def __init__(self, args, env, cwd, out_dir, script=HPCRUN):
+        self.argv = hpcrun_argv(args, script)
+        self.env = env
+        self.cwd = cwd
+        fd, self.stdout_path = tempfile.mkstemp(prefix="stdout-", dir=out_dir)
+        os.close(fd)
+        fd, self.stderr_path = tempfile.mkstemp(prefix="stderr-", dir=out_dir)
+        os.close(fd)
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=err, env=env, cwd=cwd,
+                                         start_new_session=True)
+
+    def read_stdout(self):
+        with open(self.stdout_path, "rb") as handle:
+            return handle.read()
+
+    def read_stderr(self):
+        with open(self.stderr_path, "rb") as handle:
+            return handle.read()
+
+    def result(self):
+        return _make_result(self.argv, self.cwd, self.env, self.proc.returncode,
+                            self.read_stdout(), self.read_stderr())
+
+    def finish(self, timeout=30):
+        """Wait for the end; return the Result (fails the test on timeout)."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(self.proc)
+            self.proc.wait()
+            raise AssertionError("hpcrun did not finish within %ss%s"
+                                 % (timeout, self.result().describe()))
+        return self.result()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            kill_group(self.proc)
+            self.proc.wait()
+
+
+# --- records on disk ---
+
+def state_dir(work_dir, state):
+    return os.path.join(work_dir, ".hpcrun", state)
+
+
+def record_names(work_dir, state):
+    try:
+        return sorted(os.listdir(state_dir(work_dir, state)))
+    except OSError:
+        return []
+
+
+def read_records(work_dir, state):
+    """{run_id: record} for the *.json files in DIR/.hpcrun/<state>/."""
+    records = {}
+    for name in record_names(work_dir, state):
+        if name.endswith(".json"):
+            with open(os.path.join(state_dir(work_dir, state), name), "rb") as handle:
+                records[name[:-len(".json")]] = json.loads(handle.read().decode("utf-8"))
+    return records
+
+
+def log_files(work_dir, log_dir="logs"):
+    try:
+        return sorted(os.listdir(os.path.join(work_dir, log_dir)))
+    except OSError:
+        return []
+
+
+def read_bytes(path):
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def sha256_of(path):
+    return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
+# --- the base test case ---
+
+class HpcrunTestCase(unittest.TestCase):
+    """A sandbox per test; helpers that explain themselves when they fail."""
+
+    maxDiff = None
+
+    def setUp(self):
+        self.sb = Sandbox()
+        self.addCleanup(self.sb.cleanup)
+        self.env = self.sb.env
+        self.results = []
+        self.secrets = []
+        self.server = None
+        self.failureException = self._failure_with_context()
+
+    def _failure_with_context(self):
+        """Every failed assertion also shows what this test ran and what that printed."""
+        test = self
+
+        class HpcrunFailure(AssertionError):
+            def __init__(self, message=""):
+                message = str(message)
+                if "\nran: (" not in message:
+                    message += test.context()
+                super(HpcrunFailure, self).__init__(message)
+        HpcrunFailure.__module__ = "builtins"
+        HpcrunFailure.__qualname__ = HpcrunFailure.__name__ = "AssertionError"
+        return HpcrunFailure
+
+    def context(self):
+        results = self.results + [b.result() for b in self.background_runs
+                                  if b.proc.poll() is not None]
+        if not results:
+            return ""
+        earlier = "".join("\nalso ran (exit %s): %s" % (r.returncode, " ".join(
+            shlex.quote(a) for a in r.argv[1:])) for r in results[:-1])
+        return earlier + "\nlast run:" + results[-1].describe(limit=3000)
+
+    # running
+    def hpcrun(self, *args, **options):
+        env = options.pop("env", None) or self.env
+        options.setdefault("cwd", self.sb.root)
+        result = run_hpcrun(args, env, **options)
+        self.results.append(result)
+        return result
+
+    def start(self, *args, **options):
+        env = options.pop("env", None) or self.env
+        options.setdefault("cwd", self.sb.root)
+        background = Background(args, env, options.pop("cwd"), self.sb.root, **options)
+        self.addCleanup(background.kill)
+        self.background_runs.append(background)
+        return background
+
+    @property
+    def background_runs(self):
+        if not hasattr(self, "_background_runs"):
+            self._background_runs = []
+        return self._background_runs
+
+    def finish(self, background, timeout=30):
+        result = background.finish(timeout)
+        self.results.append(result)
+        return result
+
+    def wrap(self, *command, **options):
+        """wrap --work-dir WORK (--command CMD | -- PROGRAM ARG...) and return the Result."""
+        work = options.pop("work", self.sb.work)
+        extra = list(options.pop("extra", ()))
+        return self.hpcrun("wrap", "--work-dir", work, *(extra + self._command_args(command)),
+                           **options)
+
+    def start_wrap(self, *command, **options):
+        work = options.pop("work", self.sb.work)
+        extra = list(options.pop("extra", ()))
+        return self.start("wrap", "--work-dir", work, *(extra + self._command_args(command)),
+                          **options)
+
+    @staticmethod
+    def _command_args(command):
+        if len(command) == 1:
+            return ["--command", command[0]]
+        return ["--"] + list(command)
+
+    # the fake service and its config
+    def start_server(self, key=KEY):
+        server = FakeXxtui(key).start()
+        self.addCleanup(server.stop)
+        self.server = server
+        return server
+
+    def configure_xxtui(self, server=None, key=KEY, overrides=None, key_in="keys"):
+        """Write config (and keys file) sending to the fake server; returns the config path."""
+        server = server or self.server or self.start_server(key)
+        sections = collections.OrderedDict([
+            ("notify", collections.OrderedDict([("channels", "xxtui"), ("language", "en")])),
+            ("xxtui", collections.OrderedDict([("url", server.url), ("timeout", "5")])),
+        ])
+        if key_in == "config":
+            sections["xxtui"]["api_key"] = key
+        elif key_in == "keys":
+            self.sb.write_keys({"xxtui": {"api_key": key}})
+        elif key_in == "env":
+            self.env["XXTUI_KEY"] = key
+        self.secrets.append(key)
+        return self.sb.write_config(merge_sections(sections, overrides))
+
+    # assertions
+    def assertExit(self, result, code):
+        if result.returncode != code:
+            self.fail("exit status %s, expected %s%s"
+                      % (result.returncode, code, result.describe()))
+
+    def assertNoTraceback(self, result):
+        for stream in (result.out, result.err):
+            self.assertNotIn("Traceback (most recent call last)", stream, result.describe())
+
+    def assertOneErrorLine(self, result, *needles):
+        """stderr holds exactly one `hpcrun: error: ...` line, containing every needle."""
+        self.assertNoTraceback(result)
+        lines = [line for line in result.err.splitlines() if line.startswith("hpcrun: error: ")]
+        self.assertEqual(len(lines), 1, "expected one 'hpcrun: error: ' line" + result.describe())
+        for needle in needles:
+            self.assertIn(needle, lines[0], result.describe())
+        return lines[0]
+
+    def assertServerClean(self, server=None):
+        server = server or self.server
+        self.assertEqual(server.errors, [], server.describe())
+
+    def assertRequestCount(self, count, server=None, context=None):
+        server = server or self.server
+        explanation = server.describe() + (context.describe() if context is not None else "")
+        self.assertEqual(len(server.requests), count, explanation)
+
+    def assertSecretsKept(self, secrets=None):
+        """No key (raw or url-quoted) in any output of this test or any file it did not write."""
+        forms = set()
+        for secret in secrets or self.secrets:
+            forms.add(secret.encode("utf-8"))
+            forms.add(urllib.parse.quote(secret, safe="").encode("ascii"))
+        self.assertTrue(forms, "no secret to look for")
+        results = self.results + [b.result() for b in self.background_runs]
+        for result in results:
+            for form in forms:
+                for name, stream in (("stdout", result.stdout), ("stderr", result.stderr)):
+                    if form in stream:
+                        self.fail("key in %s of a run%s" % (name, result.describe()))
+        for path in self.sb.files():
+            data = read_bytes(path)
+            for form in forms:
+                if form in data:
+                    self.fail("key in the file %s:\n%r" % (path, data[:2000]))
+
+    def assertTimestampedLine(self, text, *needles):
+        """Some line of text starts with an ISO-8601 timestamp and contains one of needles."""
+        for line in text.splitlines():
+            if ISO_LINE_RE.match(line) and any(n in line for n in needles):
+                return line
+        self.fail("no timestamped line mentioning %r in:\n%s" % (needles, text))
+
+    # records
+    def done(self, work=None):
+        return read_records(work or self.sb.work, "done")
+
+    def sent(self, work=None):
+        return read_records(work or self.sb.work, "sent")
+
+    def only_record(self, state="done", work=None, result=None):
+        records = read_records(work or self.sb.work, state)
+        context = result.describe() if result is not None else ""
+        self.assertEqual(len(records), 1, "records in %s/: %r%s" % (state, records, context))
+        return list(records.items())[0]
+
+    def only_log(self, work=None, log_dir="logs", result=None):
+        names = log_files(work or self.sb.work, log_dir)
+        context = result.describe() if result is not None else ""
+        self.assertEqual(len(names), 1, "logs in %s/: %r%s" % (log_dir, names, context))
+        self.assertRegex(names[0], LOG_NAME_RE)
+        return os.path.join(work or self.sb.work, log_dir, names[0])
