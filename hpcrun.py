@@ -40,7 +40,14 @@ STATE_DIR = ".hpcrun"
 STATE_SUBDIRS = ("running", "done", "claimed", "delivery", "sent")
 LEGACY_RECORD = ".train_complete.json"
 STATUSES = ("success", "failed", "killed", "terminated")
-EVENT_STATUSES = ("lost", "recovered", "stalled", "resumed")
+EVENT_STATUSES = ("lost", "recovered", "stalled", "resumed", "start", "time_limit_warning",
+                  "release_reminder")
+EVENTS = ("start", "end", "lost", "stalled", "time_limit_warning", "release_reminder")
+EVENT_OF_STATUS = {"lost": "lost", "recovered": "lost", "stalled": "stalled", "resumed": "stalled",
+                   "start": "start", "time_limit_warning": "time_limit_warning",
+                   "release_reminder": "release_reminder"}
+RELEASE_COMMANDS = {"slurm": "scancel", "pbs": "qdel", "lsf": "bkill", "sge": "qdel"}
+SCHEDULER_CLIENTS = {"slurm": "scontrol", "pbs": "qstat", "lsf": "bjobs", "sge": "qstat"}
 USER_AGENT = "hpcrun/" + __version__
 
 # config.ini.example mirrors this dict key by key; the type of each default is the
@@ -50,6 +57,11 @@ DEFAULTS = {
         "channels": "",
         "language": "zh",
         "keys_file": "api_keys.ini",
+        "events": "end, lost, stalled, time_limit_warning, release_reminder",
+        "only_failures": False,
+        "min_duration": 0.0,
+        "skip_short_failures": False,
+        "time_limit_margin": 600.0,
     },
     "report": {
         "include_last_n_lines": 50,
@@ -62,6 +74,9 @@ DEFAULTS = {
         "claim_timeout": 600.0,
         "stale_after": 0.0,
         "stall_after": 1800.0,
+        "reminder_interval": 1800.0,
+        "reminder_max": 6,
+        "forget_after": 604800.0,
     },
     "wrap": {
         "log_dir": "logs",
@@ -95,6 +110,8 @@ TAIL_BLOCK = 1 << 16
 TAIL_MAX_BYTES = 1 << 20
 LINE_MAX_CHARS = 500
 LOG_NAME_TRIES = 1000
+SELFTEST_PROGRAM = ("import platform, sys; print('hpcrun selftest on %s, Python %s' "
+                    "% (platform.node(), sys.version.split()[0]))")
 SCHEDULER_TIMEOUT = 10       # seconds for one squeue/scontrol/qstat/bjobs call
 ALIVE_JOB_STATES = ("RUNNING", "PENDING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING",
                     "R", "Q", "H", "S", "E", "RUN", "PEND", "PSUSP", "USUSP", "SSUSP", "r", "qw", "t")
@@ -119,6 +136,16 @@ MESSAGES = {
         "title_recovered": "🔄 训练心跳恢复 {name}",
         "title_stalled": "⏸️ 训练无输出 {name} · 已 {silence}",
         "title_resumed": "▶️ 训练恢复输出 {name}",
+        "title_start": "🚀 训练开始 {name}",
+        "title_time_limit_warning": "⏳ 即将超时 {name} · 剩 {remaining}",
+        "title_release_reminder": "⚠️ 训练已结束 {since}，节点仍在计费: {release}",
+        "test_prefix": "[测试] ",
+        "status_start": "开始运行",
+        "status_time_limit_warning": "作业时间上限还剩 {remaining}：保存检查点或延长作业",
+        "status_release_reminder": "训练已结束 {since}，作业仍在运行（计费中）",
+        "field_release": "释放节点",
+        "field_time_left": "剩余时间",
+        "outlives": "训练结束后作业（分配）可能仍在计费，释放：{release}",
         "status_lost": "失联（没有完成记录，心跳停止）",
         "status_recovered": "心跳恢复（之前报告过失联）",
         "status_stalled": "心跳正常但日志 {silence} 没有增长（可能卡住）",
@@ -172,6 +199,16 @@ MESSAGES = {
         "title_recovered": "🔄 Training heartbeat back {name}",
         "title_stalled": "⏸️ Training stalled {name} · no output for {silence}",
         "title_resumed": "▶️ Training output resumed {name}",
+        "title_start": "🚀 Training started {name}",
+        "title_time_limit_warning": "⏳ Time limit near {name} · {remaining} left",
+        "title_release_reminder": "⚠️ Training ended {since} ago, node still billed: {release}",
+        "test_prefix": "[test] ",
+        "status_start": "started",
+        "status_time_limit_warning": "{remaining} left before the job's time limit: save a checkpoint or extend the job",
+        "status_release_reminder": "training ended {since} ago, the job still runs (billed)",
+        "field_release": "Release the node",
+        "field_time_left": "Time left",
+        "outlives": "the job (allocation) may still be billed after the training: release it with {release}",
         "status_lost": "lost (no completion record, heartbeat stopped)",
         "status_recovered": "heartbeat back (reported lost before)",
         "status_stalled": "heartbeat alive but no log output for {silence} (hung?)",
@@ -511,12 +548,33 @@ def check_config(config):
             default = defaults.get(key)
             if key not in defaults and key not in SECRET_KEYS:
                 config.warnings.append("%s: unknown key [%s] %s" % (config.where(name, key), name, key))
+            elif isinstance(default, bool) and not isinstance(value, bool):
+                values[key] = parse_bool(value, config, name, key)
             elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
                 values[key] = parse_number(value, type(default), config, name, key)
+    parse_events(config)
     language = config.get("notify", "language")
     if language not in LANGUAGES:
         raise ConfigError("%s: [notify] language: '%s' is not one of %s"
                           % (config.where("notify", "language"), language, ", ".join(LANGUAGES)))
+
+
+def parse_bool(value, config, section, key):
+    text = str(value).strip().lower()
+    if text in ("1", "yes", "true", "on"):
+        return True
+    if text in ("0", "no", "false", "off", ""):
+        return False
+    raise ConfigError("%s: [%s] %s: '%s' is not yes or no" % (config.where(section, key), section, key, value))
+
+
+def parse_events(config):
+    events = parse_list(config.get("notify", "events"))
+    unknown = [event for event in events if event not in EVENTS]
+    if unknown:
+        raise ConfigError("%s: [notify] events: unknown event '%s' (known: %s)"
+                          % (config.where("notify", "events"), unknown[0], ", ".join(EVENTS)))
+    return set(events)
 
 
 def parse_number(value, kind, config, section, key):
@@ -748,6 +806,48 @@ def list_dir(path):
         return []
 
 
+def hpcrun_home(env=None):
+    """~/.hpcrun (HPCRUN_HOME): shared between compute and login nodes on clusters."""
+    env = os.environ if env is None else env
+    return env.get("HPCRUN_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".hpcrun")
+
+
+def registry_entry(work_dir, env=None):
+    digest = hashlib.sha1(os.path.abspath(work_dir).encode("utf-8")).hexdigest()[:16]
+    return os.path.join(hpcrun_home(env), "registry", digest + ".json")
+
+
+def register_work_dir(work_dir, now, env=None):
+    """Let an argument-free monitor find this work dir."""
+    path = registry_entry(work_dir, env)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, {"work_dir": os.path.abspath(work_dir), "registered": now,
+                             "host": socket.gethostname()})
+
+
+def registered_work_dirs(env=None):
+    """[(work_dir, registered epoch)] of every registered work dir."""
+    directory = os.path.join(hpcrun_home(env), "registry")
+    entries = []
+    for filename in list_dir(directory):
+        if not filename.endswith(".json") or filename.startswith("."):
+            continue
+        try:
+            entry = read_json_file(os.path.join(directory, filename))
+        except HpcrunError:
+            continue
+        if isinstance(entry.get("work_dir"), str):
+            entries.append((entry["work_dir"], float(entry.get("registered") or 0)))
+    return entries
+
+
+def has_work(work_dir):
+    """Anything left to watch or deliver in a work dir."""
+    return any(name.endswith(".json") or sub == "claimed"
+               for sub in ("running", "done", "claimed", "reminders")
+               for name in list_dir(state_dir(work_dir, sub)) if not name.startswith("."))
+
+
 # --- wrap: child process, output relay, signals, heartbeat ---
 
 def run_quietly(argv, runner=subprocess.run):
@@ -785,6 +885,26 @@ def detect_job(env):
                 "array_id": None, "array_index": index if index not in (None, "undefined") else None,
                 "partition": env.get("QUEUE"), "nodes": None}
     return None
+
+
+def allocation_outlives(job, env, parent_comm):
+    """Whether the job may go on (and be billed) after the wrapper exits."""
+    if not job:
+        return False
+    if job["scheduler"] == "slurm":
+        batch_top = (parent_comm or "").strip() == "slurmstepd" and not env.get("SLURM_STEP_ID")
+        return not batch_top
+    if job["scheduler"] == "pbs":
+        return env.get("PBS_ENVIRONMENT") == "PBS_INTERACTIVE"
+    if job["scheduler"] == "lsf":
+        return env.get("LSB_INTERACTIVE") == "Y"
+    return False
+
+
+def release_command(job):
+    if not job or job.get("scheduler") not in RELEASE_COMMANDS:
+        return None
+    return "%s %s" % (RELEASE_COMMANDS[job["scheduler"]], job["id"])
 
 
 def job_end_time(job, start_time, env, runner=subprocess.run):
@@ -1065,6 +1185,7 @@ class Wrapper(object):
             "host": self.host, "pid": os.getpid(), "start_time": self.start_time,
             "started": format_local_time(self.start_time), "job": self.job,
             "log_file": os.path.relpath(self.log_path, self.work_dir),
+            "test": bool(getattr(self.args, "selftest", False)),
         }
 
     def start(self):
@@ -1264,11 +1385,19 @@ def read_parent_comm():
 def wrap_training(args, config, env):
     """Run the training under the wrapper; the completion record is on disk when this returns."""
     wrapper = Wrapper(args, config, env)
+    parent_comm = read_parent_comm()
     if wrapper.job:
         wrapper.job["end_time"] = job_end_time(wrapper.job, wrapper.start_time, env)
-    warning = slurm_launch_warning(wrapper.job, read_parent_comm())
+        wrapper.job["outlives"] = allocation_outlives(wrapper.job, env, parent_comm)
+        wrapper.job["release"] = release_command(wrapper.job)
+    warning = slurm_launch_warning(wrapper.job, parent_comm)
     if warning:
         print_warning(warning)
+    try:
+        register_work_dir(wrapper.work_dir, wrapper.start_time, env)
+    except OSError as error:
+        print_warning("cannot register '%s' in '%s': %s" % (wrapper.work_dir, hpcrun_home(env),
+                                                           error.strerror or error))
     wrapper.grace = config.get("wrap", "grace") or DEFAULT_GRACE
     if wrapper.job and wrapper.job["scheduler"] == "slurm" and not config.get("wrap", "grace"):
         wrapper.grace = slurm_grace(DEFAULT_GRACE)
@@ -1282,6 +1411,32 @@ def wrap_training(args, config, env):
     if record.get("log_error"):
         print_warning(record["log_error"])
     return wrapper, record
+
+
+def run_then(command, wrapper, record):
+    """wrap --then: run CMD once the completion record is durable; its status never changes ours."""
+    env = child_env(wrapper.env, wrapper.run_id, wrapper.log_path)
+    env.update(HPCRUN_STATUS=record["status"], HPCRUN_EXIT_CODE=str(record["exit_code"]))
+    started = time.time()
+    previous = install_signal_handlers(lambda number, frame: None)  # e.g. the scancel it runs
+    try:
+        exit_code = subprocess.call(child_argv(command, None), cwd=wrapper.work_dir, env=env,
+                                    stdin=subprocess.DEVNULL)
+    except OSError as error:
+        exit_code = 127
+        print_warning("cannot run --then '%s': %s" % (command, error.strerror))
+    finally:
+        restore_signal_handlers(previous)
+    if exit_code:
+        print_warning("--then '%s' exited %d" % (command, exit_code))
+    path = os.path.join(wrapper.work_dir, STATE_DIR, "then", wrapper.run_id + ".json")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, {"run_id": wrapper.run_id, "command": command, "exit_code": exit_code,
+                                 "start_time": started, "end_time": time.time()})
+    except OSError as error:
+        print_warning("cannot record the --then status: %s" % (error.strerror or error))
+    return exit_code
 
 
 # --- report: title and body from a record ---
@@ -1312,6 +1467,10 @@ def report_fields(record):
         "exit_code": record.get("exit_code", "?"),
         "signal": record.get("signal") or "?",
         "silence": format_duration(record.get("silence") or 0),
+        "remaining": format_duration(record.get("remaining") or 0),
+        "since": format_duration(record.get("since") or 0),
+        "release": record.get("release") or ((record.get("job") or {}).get("release")
+                                             if isinstance(record.get("job"), dict) else None) or "?",
     }
 
 
@@ -1322,6 +1481,8 @@ def build_report(record, config, work_dir):
     status = record.get("status") if record.get("status") in STATUSES + EVENT_STATUSES else "unknown"
     fields = report_fields(record)
     title = messages["title_" + status].format(**fields)
+    if record.get("test"):
+        title = messages["test_prefix"] + title
     header = report_header(record, messages, status, fields)
     tail = report_tail(record, work_dir, config.get("report", "include_last_n_lines"), messages)
     return Report(title, header, tail, language, config.get("report", "max_chars"))
@@ -1344,6 +1505,8 @@ def report_header(record, messages, status, fields):
         ("field_last_heartbeat", format_local_time(record["last_heartbeat"])
          if record.get("last_heartbeat") else None),
         ("field_last_line", record.get("last_line") if status in EVENT_STATUSES else None),
+        ("field_time_left", fields["remaining"] if status == "time_limit_warning" else None),
+        ("field_release", record.get("release") if status == "release_reminder" else None),
         ("field_start", format_local_time(record["start_time"]) if record.get("start_time") else None),
         ("field_end", format_local_time(record["end_time"]) if record.get("end_time") else None),
         ("field_duration", fields["duration"] if fields["duration"] != "?" else None),
@@ -1352,6 +1515,8 @@ def report_header(record, messages, status, fields):
     header = ["%s: %s" % (messages[key], value) for key, value in rows if value not in (None, "")]
     if record.get("final") is False:
         header.append(messages["provisional"])
+    if status in STATUSES and job and job.get("outlives") and job.get("release"):
+        header.append(messages["outlives"].format(release=job["release"]))
     for note in (record.get("log_error"), record.get("note")):
         if note:
             header.append(str(note))
@@ -1627,6 +1792,7 @@ class Monitor(object):
         self.watches = {}            # run_id -> what this monitor saw of its heartbeat, when
         self.persist_watches = False  # --once: keep them on disk between runs
         self.dir_errors = {}         # work dir -> its last error, logged once until it changes
+        self.events = parse_events(config)
 
     def poll(self, work_dirs):
         """One pass over every work dir: (delivered, failed, pending) counts."""
@@ -1652,6 +1818,7 @@ class Monitor(object):
             raise HpcrunError("work dir '%s' is not a directory" % work_dir)
         counts = {"delivered": 0, "failed": 0, "pending": 0}
         self.watch_dir(work_dir)
+        self.check_reminders(work_dir)
         items, counts["pending"] = self.claim_all(work_dir)
         return self.deliver_all(work_dir, items, counts)
 
@@ -1732,6 +1899,9 @@ class Monitor(object):
 
     def handle(self, work_dir, run_id, claimed):
         record = self.load(work_dir, run_id, claimed)
+        if not self.wanted(record):
+            self.archive(work_dir, run_id, claimed, record, sent=False)
+            return "delivered"
         report = build_report(record, self.config, work_dir)
         state = read_delivery_state(work_dir, run_id)
         accepted = set(state.get("accepted", []))
@@ -1802,6 +1972,7 @@ class Monitor(object):
         now = self.clock()
         seq, size = running.get("seq"), running.get("log_size")
         watch = watches.setdefault(run_id, {"seq": seq, "seq_at": now, "size": size, "size_at": now})
+        self.announce(work_dir, run_id, running)
         if seq != watch["seq"]:
             watch.update(seq=seq, seq_at=now)
             self.heartbeat_back(work_dir, run_id, running)
@@ -1816,6 +1987,73 @@ class Monitor(object):
                 watch["seq_at"] = now  # the scheduler says it runs: look again later
         elif stall_after and now - watch["size_at"] > stall_after:
             self.declare_stalled(work_dir, run_id, running, now - watch["size_at"])
+
+    def announce(self, work_dir, run_id, running):
+        """The start and time-limit-warning events, each once per run."""
+        if "start" in self.events and create_marker(self.marker(work_dir, run_id, "start"), {}):
+            self.emit_event(work_dir, event_record(running, "start"), "started: %s" % describe_run(running))
+        end_time = (running.get("job") or {}).get("end_time") if isinstance(running.get("job"), dict) else None
+        if not end_time or "time_limit_warning" not in self.events:
+            return
+        remaining = end_time - self.now()
+        if 0 < remaining <= self.config.get("notify", "time_limit_margin") and \
+                create_marker(self.marker(work_dir, run_id, "time_limit_warning"), {}):
+            self.emit_event(work_dir, event_record(running, "time_limit_warning", remaining=remaining),
+                            "time limit near: %s: %s left" % (describe_run(running), format_duration(remaining)))
+
+    def schedule_reminder(self, work_dir, record):
+        """After a run of a scheduler job ends, watch whether its job (and the bill) goes on."""
+        job = record.get("job") if isinstance(record.get("job"), dict) else None
+        if not job or "release_reminder" not in self.events or not job.get("release") or \
+                not shutil.which(SCHEDULER_CLIENTS.get(job.get("scheduler"), "")):
+            return
+        first = min(60.0, self.config.get("monitor", "reminder_interval"))
+        reminder = {"run_id": record["run_id"], "name": record.get("name"), "job": job,
+                    "work_dir": work_dir, "host": record.get("host"), "start_time": record.get("start_time"),
+                    "ended": record.get("end_time") or self.now(), "sent": 0, "next_check": self.now() + first}
+        write_json_atomic(self.reminder_path(work_dir, record["run_id"]), reminder)
+
+    def reminder_path(self, work_dir, run_id):
+        directory = state_dir(work_dir, "reminders")
+        os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, run_id + ".json")
+
+    def check_reminders(self, work_dir):
+        """Remind every reminder_interval while a finished run's job still runs, reminder_max times."""
+        for filename in list_dir(state_dir(work_dir, "reminders")):
+            path = os.path.join(state_dir(work_dir, "reminders"), filename)
+            try:
+                reminder = read_json_file(path)
+            except HpcrunError:
+                continue
+            if not filename.endswith(".json") or reminder.get("next_check", 0) > self.now():
+                continue
+            verdict = self.scheduler(reminder.get("job"))
+            if not verdict or verdict["state"] not in ALIVE_JOB_STATES:
+                for name in list_dir(os.path.dirname(path)):
+                    if name.startswith(filename):
+                        remove_quietly(os.path.join(os.path.dirname(path), name))
+                if reminder.get("sent"):
+                    self.log("job %s of %s is gone" % (reminder["job"].get("id"), reminder.get("name")))
+                continue
+            self.remind(work_dir, path, reminder)
+
+    def remind(self, work_dir, path, reminder):
+        reminder["sent"] = int(reminder.get("sent", 0)) + 1
+        if not create_marker("%s.%d" % (path, reminder["sent"]), {}):
+            return  # another monitor sent this one
+        since = self.now() - float(reminder.get("ended") or self.now())
+        record = event_record(reminder, "release_reminder", since=since, release=reminder["job"].get("release"))
+        record["run_id"] += "-%d" % reminder["sent"]
+        self.emit_event(work_dir, record, "job %s still runs %s after %s ended: %s" % (
+            reminder["job"].get("id"), format_duration(since), reminder.get("name"), record["release"]))
+        if reminder["sent"] >= self.config.get("monitor", "reminder_max"):
+            for name in list_dir(os.path.dirname(path)):
+                if name.startswith(os.path.basename(path)):
+                    remove_quietly(os.path.join(os.path.dirname(path), name))
+            return
+        reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
+        write_json_atomic(path, reminder)
 
     def marker(self, work_dir, run_id, kind):
         return os.path.join(state_dir(work_dir, "running"), "%s.%s" % (run_id, kind))
@@ -1840,26 +2078,24 @@ class Monitor(object):
         cause = SCHEDULER_CAUSES.get(verdict["state"], "unknown") if verdict else "unknown"
         record = event_record(running, "lost", cause=cause, silence=silence,
                               scheduler_state=describe_verdict(verdict))
-        write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
-        self.log("lost: %s: no heartbeat for %s%s" % (describe_run(running), format_duration(silence),
-                                                     ", scheduler: " + describe_verdict(verdict)
-                                                     if verdict else ""))
+        self.emit_event(work_dir, record, "lost: %s: no heartbeat for %s%s" % (
+            describe_run(running), format_duration(silence),
+            ", scheduler: " + describe_verdict(verdict) if verdict else ""))
         return True
 
     def heartbeat_back(self, work_dir, run_id, running):
         lost = self.marker(work_dir, run_id, "lost")
         if os.path.exists(lost) and create_marker(self.marker(work_dir, run_id, "recovered"), {}):
-            record = event_record(running, "recovered")
-            write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
-            self.log("recovered: %s: heartbeat back" % describe_run(running))
+            self.emit_event(work_dir, event_record(running, "recovered"),
+                            "recovered: %s: heartbeat back" % describe_run(running))
 
     def declare_stalled(self, work_dir, run_id, running, silence):
         if not create_marker(self.marker(work_dir, run_id, "stalled"), {"log_size": running.get("log_size")}):
             return
         record = event_record(running, "stalled", silence=silence)
         record["run_id"] += "-%d" % int(running.get("seq") or 0)
-        write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
-        self.log("stalled: %s: no output for %s" % (describe_run(running), format_duration(silence)))
+        self.emit_event(work_dir, record, "stalled: %s: no output for %s"
+                        % (describe_run(running), format_duration(silence)))
 
     def output_back(self, work_dir, run_id, running):
         try:
@@ -1868,8 +2104,7 @@ class Monitor(object):
             return  # not stalled, or another monitor reports the resume
         record = event_record(running, "resumed")
         record["run_id"] += "-%d" % int(running.get("seq") or 0)
-        write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
-        self.log("resumed: %s: log output again" % describe_run(running))
+        self.emit_event(work_dir, record, "resumed: %s: log output again" % describe_run(running))
 
     def watch_path(self, work_dir):
         return os.path.join(work_dir, STATE_DIR, "watch.%s.json" % self.host)
@@ -1889,14 +2124,36 @@ class Monitor(object):
         except OSError as error:
             self.log("error: cannot save watch state in '%s': %s" % (work_dir, error.strerror))
 
-    def archive(self, work_dir, run_id, claimed, record):
+    def wanted(self, record):
+        """Whether [notify] events, only_failures and min_duration let this report out."""
+        status = record.get("status")
+        if EVENT_OF_STATUS.get(status, "end") not in self.events:
+            return False
+        if status not in STATUSES or record.get("test"):
+            return True
+        if status == "success" and self.config.get("notify", "only_failures"):
+            return False
+        short = (record.get("duration") or 0) < self.config.get("notify", "min_duration")
+        return not short or (status != "success" and not self.config.get("notify", "skip_short_failures"))
+
+    def emit_event(self, work_dir, record, message):
+        """Queue an event report (lost, stalled, ...) as a record of its own in done/."""
+        self.log(message)
+        if self.wanted(record):
+            write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
+
+    def archive(self, work_dir, run_id, claimed, record, sent=True):
         os.makedirs(state_dir(work_dir, "sent"), exist_ok=True)
         os.replace(claimed, os.path.join(state_dir(work_dir, "sent"), run_id + ".json"))
         remove_quietly(os.path.join(state_dir(work_dir, "delivery"), run_id + ".json"))
         if record.get("status") in STATUSES:
-            for suffix in (".json", ".lost", ".recovered", ".stalled"):
+            for suffix in (".json", ".lost", ".recovered", ".stalled", ".start", ".time_limit_warning"):
                 remove_quietly(os.path.join(state_dir(work_dir, "running"), run_id + suffix))
-        self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
+            self.schedule_reminder(work_dir, record)
+        if sent:
+            self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
+        else:
+            self.log("not sent ([notify] settings): %s" % describe_run(record))
 
 
 def describe_run(record):
@@ -1929,13 +2186,57 @@ def release_claim(claimed, done_path):
 
 
 def run_monitor(monitor, work_dirs, interval, once, stop):
-    """Poll until stopped; with once, a single pass. Returns the exit status."""
+    """Poll until stopped; with once, a single pass. Returns the exit status.
+
+    work_dirs is a callable, asked every poll, so newly registered dirs are picked up."""
+    seq = 0
     while True:
-        delivered, failed, pending = monitor.poll(work_dirs)
+        try:
+            delivered, failed, pending = monitor.poll(work_dirs())
+            if not once:
+                seq += 1
+                write_monitor_heartbeat(monitor, seq, interval)
+        except Exception as error:  # the one place that must survive anything: log and go on
+            if once:
+                raise
+            monitor.log("error: %s" % redact("%s: %s" % (error.__class__.__name__, error),
+                                             monitor.config.secrets))
+            failed = 1
         if once:
             return 1 if failed or pending else 0
         if stop.wait(interval):
             return 0
+
+
+def monitor_heartbeat_path(host, env=None):
+    return os.path.join(hpcrun_home(env), "monitors", "%s.json" % host)
+
+
+def write_monitor_heartbeat(monitor, seq, interval):
+    """~/.hpcrun/monitors/<host>.json: lets status on another login node see this monitor."""
+    path = monitor_heartbeat_path(monitor.host)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, {"host": monitor.host, "pid": monitor.pid, "seq": seq,
+                                 "version": __version__, "interval": interval,
+                                 "written_at": time.time()})
+    except OSError as error:
+        monitor.log("error: cannot write monitor heartbeat '%s': %s" % (path, error.strerror))
+
+
+def registry_dirs(monitor, env=None):
+    """The registered work dirs; idle ones drop out after [monitor] forget_after seconds."""
+    def work_dirs():
+        dirs = []
+        for work_dir, registered in registered_work_dirs(env):
+            idle = not os.path.isdir(work_dir) or not has_work(work_dir)
+            if idle and time.time() - registered > monitor.config.get("monitor", "forget_after"):
+                remove_quietly(registry_entry(work_dir, env))
+                monitor.log("forgot %s: nothing left to watch" % work_dir)
+            elif os.path.isdir(work_dir):
+                dirs.append(work_dir)
+        return dirs
+    return work_dirs
 
 
 def make_logger(stream=None):
@@ -1990,19 +2291,53 @@ def status_entry(work_dir, sub, state, record, delivery):
             last_line = lines[-1] if lines else ""
         except OSError:
             last_line = ""
+    job = record.get("job") if isinstance(record.get("job"), dict) else {}
+    now = time.time()
     return {"work_dir": work_dir, "run_id": record.get("run_id"), "name": record.get("name"),
             "state": state, "status": record.get("status"), "start_time": start,
-            "elapsed": ((end or time.time()) - start) if start else None,
+            "elapsed": ((end or now) - start) if start else None,
             "host": record.get("host"), "log_file": record.get("log_file"),
-            "last_line": last_line or ""}
+            "last_line": last_line or "", "job": job_label(job),
+            "time_left": job["end_time"] - now if sub == "running" and job.get("end_time") else None,
+            "heartbeat_age": now - record["written_at"] if sub == "running" and record.get("written_at") else None,
+            "delivery_failures": delivery.get("failures", 0), "delivery_error": delivery.get("last_error")}
 
 
 def format_status_line(run):
-    return "%s  %s  started %s  %s  %s" % (
-        run.get("name") or run.get("run_id"), run["state"] + (" (%s)" % run["status"] if run.get("status") else ""),
-        format_local_time(run["start_time"]) if run.get("start_time") else "-",
-        format_duration(run["elapsed"]) if run.get("elapsed") is not None else "-",
-        run.get("last_line") or "")
+    parts = [run.get("name") or run.get("run_id") or "?",
+             run["state"] + (" (%s)" % run["status"] if run.get("status") else ""),
+             "started %s" % (format_local_time(run["start_time"]) if run.get("start_time") else "-"),
+             format_duration(run["elapsed"]) if run.get("elapsed") is not None else "-"]
+    if run.get("time_left") is not None:
+        parts.append("%s left" % format_duration(run["time_left"]))
+    if run.get("heartbeat_age") is not None:
+        parts.append("heartbeat %s ago" % format_duration(run["heartbeat_age"]))
+    if run.get("job"):
+        parts.append(run["job"])
+    parts.append(run.get("last_line") or "")
+    return "  ".join(parts)
+
+
+def collect_monitors(env=None):
+    """Monitor heartbeats under ~/.hpcrun/monitors, one per login node."""
+    directory = os.path.join(hpcrun_home(env), "monitors")
+    monitors = []
+    for filename in list_dir(directory):
+        if filename.endswith(".json") and not filename.startswith("."):
+            try:
+                monitors.append(read_json_file(os.path.join(directory, filename)))
+            except HpcrunError:
+                continue
+    return monitors
+
+
+def format_monitor_line(monitor, now):
+    """One line per monitor; "alive" compares two clocks, so it is only a hint across hosts."""
+    age = now - float(monitor.get("written_at") or 0)
+    interval = float(monitor.get("interval") or 60)
+    state = "alive" if age <= 3 * interval + 60 else "silent"
+    return "monitor on %s: pid %s, %s (last poll %s ago), hpcrun %s" % (
+        monitor.get("host"), monitor.get("pid"), state, format_duration(age), monitor.get("version"))
 
 
 # --- commands ---
@@ -2025,13 +2360,33 @@ def wrap_overrides(args):
 def cmd_wrap(args):
     config = config_for(args, wrap_overrides(args))
     wrapper, record = wrap_training(args, config, os.environ)
+    if args.selftest:
+        print_selftest_checks(wrapper, record)
+    if args.then:
+        run_then(args.then, wrapper, record)
     return record["exit_code"]
+
+
+def print_selftest_checks(wrapper, record):
+    """wrap --selftest in a batch job: what the compute node side looks like."""
+    checks = [("record", "written to %s" % state_dir(wrapper.work_dir, "done")),
+              ("log", "%s (%d bytes)" % (wrapper.log_path, record.get("log_size") or 0)),
+              ("python", "%s %s" % (sys.executable, sys.version.split()[0])),
+              ("job", job_label(wrapper.job) or "no scheduler job found in the environment")]
+    if wrapper.job and wrapper.job["scheduler"] == "slurm":
+        warning = slurm_launch_warning(wrapper.job, read_parent_comm())
+        checks.append(("launch", warning or "exec'd as the job step's top process: signals reach hpcrun"))
+    for name, text in checks:
+        emit("hpcrun selftest: %s: %s" % (name, text))
+    emit("hpcrun selftest: now the monitor on the login node should push a report marked as a test")
 
 
 def cmd_run(args):
     config = config_for(args, wrap_overrides(args))
     channels = resolve_channels(config)
     wrapper, record = wrap_training(args, config, os.environ)
+    if args.then:
+        run_then(args.then, wrapper, record)
     monitor = Monitor(config, channels, make_logger(sys.stderr))
     delivered, failed, pending = monitor.deliver_one(wrapper.work_dir, wrapper.run_id)
     if failed or pending:
@@ -2047,19 +2402,25 @@ def cmd_monitor(args):
     if [kind for _, kind, _ in channels] == ["console"]:
         print_warning("no push channel configured: reports are only printed here "
                       "(see config.ini.example)")
-    work_dirs = [os.path.abspath(d) for d in args.work_dir]
     monitor = Monitor(config, channels, make_logger())
     monitor.persist_watches = args.once
+    if args.work_dir:
+        fixed = [os.path.abspath(d) for d in args.work_dir]
+        work_dirs = lambda: fixed  # noqa: E731
+    else:
+        work_dirs = registry_dirs(monitor)
     stop = threading.Event()
     previous = {number: signal.signal(number, lambda n, f: stop.set())
                 for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         if not args.once:
-            monitor.log("monitor started: pid %d, %d dir(s), every %gs"
-                        % (os.getpid(), len(work_dirs), config.get("monitor", "interval")))
+            monitor.log("monitor started: pid %d, %s, every %gs" % (
+                os.getpid(), "%d dir(s)" % len(args.work_dir) if args.work_dir else
+                "registered dirs in '%s'" % hpcrun_home(), config.get("monitor", "interval")))
         status = run_monitor(monitor, work_dirs, max(0.1, config.get("monitor", "interval")),
                              args.once, stop)
         if not args.once:
+            remove_quietly(monitor_heartbeat_path(monitor.host))
             monitor.log("monitor stopped")
         return status
     finally:
@@ -2067,8 +2428,14 @@ def cmd_monitor(args):
 
 
 def cmd_status(args):
+    if args.monitors:
+        monitors = collect_monitors()
+        for monitor in monitors:
+            emit(format_monitor_line(monitor, time.time()))
+        return 0 if monitors else 3
+    work_dirs = args.work_dir or [work_dir for work_dir, _ in registered_work_dirs()]
     runs = []
-    for work_dir in args.work_dir:
+    for work_dir in work_dirs:
         runs.extend(collect_runs(os.path.abspath(work_dir)))
     if args.json:
         emit(json.dumps(runs, ensure_ascii=False, indent=1, sort_keys=True))
@@ -2092,6 +2459,105 @@ def cmd_notify(args):
         else:
             emit("%s: ok" % name)
     return 1 if failed else 0
+
+
+def cmd_selftest(args):
+    """The whole path on this machine: config, work dir, wrap, monitor, push, archive."""
+    state = {}
+    steps = [("config", selftest_config), ("work dir", selftest_work_dir), ("wrap", selftest_wrap),
+             ("monitor", selftest_monitor), ("push", selftest_push), ("archive", selftest_archive)]
+    try:
+        for number, (name, step) in enumerate(steps, 1):
+            try:
+                detail = step(args, state)
+            except HpcrunError as error:
+                emit("[%d/%d] %s: FAILED: %s" % (number, len(steps), name, error))
+                emit("      fix: %s" % getattr(error, "fix", "see the message above"))
+                return 1
+            emit("[%d/%d] %s: ok (%s)" % (number, len(steps), name, detail))
+    finally:
+        selftest_cleanup(state)
+    emit("selftest passed: a real run will be reported the same way")
+    return 0
+
+
+def failure_with_fix(message, fix):
+    error = HpcrunError(message)
+    error.fix = fix
+    return error
+
+
+def selftest_config(args, state):
+    try:
+        state["config"] = config_for(args)
+        state["channels"] = resolve_channels(state["config"])
+    except HpcrunError as error:
+        raise failure_with_fix(str(error), "edit the file or variable named above (see config.ini.example)")
+    return "%s; channels: %s" % (state["config"].path or "no config file",
+                                 ", ".join(name for name, _, _ in state["channels"]))
+
+
+def selftest_work_dir(args, state):
+    state["work_dir"] = os.path.abspath(args.work_dir or os.path.join(
+        hpcrun_home(), "selftest", socket.gethostname()))
+    try:
+        os.makedirs(state["work_dir"], exist_ok=True)
+        make_state_dirs(state["work_dir"])
+    except OSError as error:
+        raise failure_with_fix("cannot use '%s': %s" % (state["work_dir"], error.strerror),
+                               "give a writable directory with --work-dir")
+    return state["work_dir"]
+
+
+def selftest_wrap(args, state):
+    argv = [sys.executable, os.path.abspath(__file__), "wrap", "--selftest", "--name", "selftest",
+            "--work-dir", state["work_dir"]] + (["--config", args.config] if args.config else [])
+    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    done = [name for name in list_dir(state_dir(state["work_dir"], "done")) if name.endswith(".json")]
+    if result.returncode != 0 or not done:
+        output = result.stdout.decode("utf-8", errors="replace").strip().splitlines()
+        raise failure_with_fix("wrap exited %d: %s" % (result.returncode, output[-1] if output else ""),
+                               "run '%s' by hand and read its output" % " ".join(argv))
+    return "record %s" % done[-1]
+
+
+def selftest_monitor(args, state):
+    state["errors"] = []
+    monitor = Monitor(state["config"], state["channels"], state["errors"].append)
+    items, _ = monitor.claim_all(state["work_dir"])
+    if not items:
+        raise failure_with_fix("the monitor found no record in '%s'" % state["work_dir"],
+                               "check that the work dir is on a file system this node can read")
+    state["monitor"], state["items"] = monitor, items
+    return "%d record(s) claimed" % len(items)
+
+
+def selftest_push(args, state):
+    for run_id, claimed in state["items"]:
+        if state["monitor"].handle(state["work_dir"], run_id, claimed) != "delivered":
+            failed = [line for line in state["errors"] if line.startswith("push failed")]
+            raise failure_with_fix("; ".join(failed) or "the push failed",
+                                   "check the channel's key and url (keys file, HPCRUN_<CHANNEL>_API_KEY); "
+                                   "'python3 hpcrun.py notify --test' retries just the push")
+    return "delivered via %s" % ", ".join(name for name, _, _ in state["channels"])
+
+
+def selftest_archive(args, state):
+    sent = list_dir(state_dir(state["work_dir"], "sent"))
+    if not any(run_id + ".json" in sent for run_id, _ in state["items"]):
+        raise failure_with_fix("the record was not archived", "check the work dir's permissions")
+    return "record moved to %s" % state_dir(state["work_dir"], "sent")
+
+
+def selftest_cleanup(state):
+    """Leave nothing a real monitor would push later (a failed test report) or keep watching."""
+    work_dir = state.get("work_dir")
+    if not work_dir:
+        return
+    for sub in ("done", "claimed", "delivery", "running"):
+        for name in list_dir(state_dir(work_dir, sub)):
+            remove_quietly(os.path.join(state_dir(work_dir, sub), name))
+    remove_quietly(registry_entry(work_dir))
 
 
 def cmd_version(args):
@@ -2124,14 +2590,26 @@ def build_parser():
         sub.add_argument("--name", help="run name shown in reports")
         sub.add_argument("--forward-signal", action="append", metavar="SIG",
                          help="also forward this warning signal (USR1, USR2) to the training")
+        sub.add_argument("--then", metavar="CMD",
+                         help="run CMD once the completion record is on disk (e.g. 'scancel $SLURM_JOB_ID')")
+        sub.set_defaults(selftest=False)
+        if name == "wrap":
+            sub.add_argument("--selftest", action="store_true",
+                             help="run a tiny test command and leave a record the monitor pushes as a test")
         sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARG... (instead of --command)")
     sub = add("monitor", "push reports of finished runs", cmd_monitor)
-    sub.add_argument("--work-dir", action="append", required=True, metavar="DIR")
+    sub.add_argument("--work-dir", action="append", metavar="DIR",
+                     help="work dir to watch (repeatable; default: every dir a wrap registered)")
     sub.add_argument("--interval", type=float, metavar="SECONDS", help="poll interval (default 60)")
     sub.add_argument("--once", action="store_true", help="poll once and exit (for cron)")
     sub = add("status", "list runs and their state", cmd_status)
-    sub.add_argument("--work-dir", action="append", required=True, metavar="DIR")
+    sub.add_argument("--work-dir", action="append", metavar="DIR",
+                     help="work dir (repeatable; default: every registered dir)")
     sub.add_argument("--json", action="store_true")
+    sub.add_argument("--monitors", action="store_true",
+                     help="list the monitors on every login node instead (exit 3 if none)")
+    sub = add("selftest", "check the whole path on this machine: record, monitor, push", cmd_selftest)
+    sub.add_argument("--work-dir", metavar="DIR", help="where to test (default: ~/.hpcrun/selftest/HOST)")
     sub = add("notify", "send a test message through every configured channel", cmd_notify)
     sub.add_argument("--test", action="store_true", required=True)
     return parser
@@ -2147,6 +2625,8 @@ def parse_args(argv):
         parser.error("a command is required (wrap, monitor, run, status, notify)")
     if args.func in (cmd_wrap, cmd_run):
         program = args.program[1:] if args.program[:1] == ["--"] else args.program
+        if args.selftest and not args.command and not program:
+            program = [sys.executable, "-c", SELFTEST_PROGRAM]
         if bool(args.command) == bool(program):
             parser.error("give the training either as --command \"CMD\" or after --")
         args.program = program

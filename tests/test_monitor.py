@@ -136,8 +136,7 @@ class MonitorOnceTest(MonitorTestCase):
         self.assertRequestCount(0, context=result)
 
     def test_monitor_usage_errors_exit_2(self):
-        cases = [("no work dir", ["monitor", "--once"]),
-                 ("interval not a number", ["monitor", "--once", "--work-dir", self.sb.work,
+        cases = [("interval not a number", ["monitor", "--once", "--work-dir", self.sb.work,
                                             "--interval", "abc"]),
                  ("unknown option", ["monitor", "--once", "--work-dir", self.sb.work, "--fast"])]
         for label, args in cases:
