@@ -66,6 +66,9 @@ DEFAULTS = {
     "report": {
         "include_last_n_lines": 50,
         "max_chars": 4000,
+        "metric": "loss",
+        "title_template": "",
+        "header_template": "",
     },
     "monitor": {
         "interval": 60.0,
@@ -102,9 +105,11 @@ TERMINATING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGXCPU")
 WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
 CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL")
 DEFAULT_GRACE = 8.0          # seconds between SIGTERM and SIGKILL off Slurm (PBS Pro 10, LSF 10)
+TIME_LIMIT_SLACK = 10.0      # a SIGTERM this close to (or after) the job's end time is the time limit
 FORWARD_DELAY = 1.0          # seconds before a signal is forwarded to a training still alive
 DRAIN_IDLE = 1.0             # after the training exits, stop relaying once its pipe is idle this long
 READ_CHUNK = 1 << 20
+RECENT_BYTES = 4096
 PIPE_SIZE = 1 << 20
 TAIL_BLOCK = 1 << 16
 TAIL_MAX_BYTES = 1 << 20
@@ -113,6 +118,8 @@ LOG_NAME_TRIES = 1000
 SELFTEST_PROGRAM = ("import platform, sys; print('hpcrun selftest on %s, Python %s' "
                     "% (platform.node(), sys.version.split()[0]))")
 SCHEDULER_TIMEOUT = 10       # seconds for one squeue/scontrol/qstat/bjobs call
+MEMORY_SAMPLE_INTERVAL = 10.0  # seconds between two samples of the training's memory
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 ALIVE_JOB_STATES = ("RUNNING", "PENDING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING",
                     "R", "Q", "H", "S", "E", "RUN", "PEND", "PSUSP", "USUSP", "SSUSP", "r", "qw", "t")
 SCHEDULER_CAUSES = {
@@ -123,14 +130,63 @@ SCHEDULER_CAUSES = {
     "TERM_ADMIN": "cancelled", "TERM_PREEMPT": "preempted",
 }
 
+RANK_PREFIX_RE = re.compile(r"^(?:\[[A-Za-z_]*\d+\]:\s?|\d+:\s|\[\d+,\d+\]<\w+>:\s?)")
+# The failure catalogue (reference hpc-facts §7): (cause, tier, pattern). Tier 1: the
+# scheduler's own words; 2: root causes; 3: secondary errors, used only when nothing else
+# matched. Within a tier the earliest line wins: later ranks repeat secondary errors.
+FAILURE_PATTERNS = [(cause, tier, re.compile(pattern)) for cause, tier, pattern in (
+    ("time_limit", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT"),
+    ("preempted", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO (?:PREEMPTION|JOB REQUEUE)"),
+    ("node_fail", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO NODE FAIL"),
+    ("cancelled", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+(?: DUE to SIGNAL \w+)? \*\*\*"),
+    ("host_oom", 1, r"Detected \d+ oom[-_]kill event|srun: error: \S+: tasks? [\d,-]+: Out Of Memory"),
+    ("time_limit", 1, r"=>> PBS: job killed: (?:walltime|cput) .* exceeded limit|TERM_RUNLIMIT"),
+    ("host_oom", 1, r"=>> PBS: job killed: v?mem .* exceeded limit|TERM_MEMLIMIT"),
+    ("cancelled", 1, r"TERM_OWNER|TERM_ADMIN"),
+    ("preempted", 1, r"TERM_PREEMPT"),
+    ("cuda_oom", 2, r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|OutOfMemoryError"),
+    ("accelerator_oom", 2, r"OOM when allocating tensor|RESOURCE_EXHAUSTED: Out of memory"),
+    ("host_oom", 2, r"\bMemoryError\b|std::bad_alloc|DataLoader worker \(pid \d+\) is killed by signal: Killed"),
+    ("nan_loss", 2, r"(?i)\bloss\W{0,3}(?:is\s)?nan\b|returned nan values in its \d+\w* output"),
+    ("disk_full", 2, r"No space left on device|Disk quota exceeded"),
+    ("shm", 2, r"insufficient shared memory|\bBus error\b"),
+    ("segfault", 2, r"Segmentation fault|segmentation fault encountered in worker"),
+    ("cpp_abort", 2, r"terminate called after throwing an instance of"),
+    ("cuda_error", 2, r"CUDA error: |device-side assert triggered|illegal memory access"),
+    ("nccl_error", 2, r"NCCL error in:|\bnccl(?:System|Internal|Remote|UnhandledCuda|InvalidUsage)Error\b|DistBackendError"),
+    ("fs_error", 2, r"Stale file handle"),
+    ("exception", 2, r"^(?:[A-Za-z_][\w]*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Failure)\b(?::.*)?$"),
+    ("nccl_timeout", 3, r"Watchdog caught collective operation timeout|NCCL (?:communicator|operation) .*timed? ?out"),
+    ("child_failed", 3, r"ChildFailedError|Root Cause \(first observed failure\)"),
+    ("killed", 3, r"\bKilled\b|Signal \d+ \(SIGKILL\) received"),
+)]
+TRACEBACK_RE = re.compile(r"^Traceback \(most recent call last\):")
+PROGRESS_PATTERNS = (
+    ("epoch", re.compile(r"(?i)\bepoch\b\s*[:=]?\s*\[?\s*(\d+)(?:\s*(?:/|of)\s*(\d+))?")),
+    ("bar", re.compile(r"(\d{1,3})%\|[^|\n]*\|\s*(\d+(?:\.\d+)?[kMG]?)/(\d+(?:\.\d+)?[kMG]?)")),
+    ("step", re.compile(r"(?i)\b(?:global[_ ])?(?:step|iter(?:ation)?)s?\b\s*[:=]?\s*\[?\s*(\d+)(?:\s*(?:/|of)\s*(\d+))?")),
+)
+SECRET_PATTERNS = (
+    re.compile(r"(?i)(\b(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|token|passw(?:or)?d|passwd|pwd)"
+               r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&]+)"),
+    re.compile(r"(?i)(\bauthorization\s*[:=]\s*(?:bearer|basic|token)?\s*)(\S+)"),
+    re.compile(r"(\b[a-z][\w+.-]*://[^/\s:@]+:)([^@\s/]+)(?=@)"),
+    re.compile(r"()\b(sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|hf_[A-Za-z0-9]{20,}"
+               r"|xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16}|tk_[a-z0-9]{20,})\b"),
+)
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+METRIC_POINTS = 256          # values kept over a whole run (thinned evenly as it grows)
+SAMPLE_INTERVAL = 1.0        # seconds between two looks at the output for metrics and progress
+HIGHER_IS_BETTER_RE = re.compile(r"(?i)acc|f1|auc|bleu|rouge|score|precision|recall|map|iou|reward")
 ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 
 MESSAGES = {
     "zh": {
-        "title_success": "✅ 训练完成 {name} · {duration}",
-        "title_failed": "❌ 训练失败 {name} · exit {exit_code} · {duration}",
-        "title_killed": "💀 训练被杀死 {name} · {signal} · {duration}",
-        "title_terminated": "🛑 训练被终止 {name} · {signal} · {duration}",
+        "title_success": "✅ 训练完成 {name}",
+        "title_failed": "❌ 训练失败 {name}",
+        "title_time_limit": "⏰ 超时被终止 {name}",
+        "title_killed": "💀 训练被杀死 {name}",
+        "title_terminated": "🛑 训练被终止 {name}",
         "title_unknown": "❓ 训练记录异常 {name}",
         "title_lost": "⚠️ 训练失联 {name} · 心跳已停 {silence}",
         "title_recovered": "🔄 训练心跳恢复 {name}",
@@ -164,6 +220,52 @@ MESSAGES = {
         "cause_cpu_limit": "达到 CPU 时间上限",
         "cause_start_failed": "无法启动命令",
         "cause_unknown": "未知",
+        "cause_host_oom": "主机内存不足",
+        "cause_cuda_oom": "CUDA 显存不足",
+        "cause_accelerator_oom": "显存不足（TF/JAX）",
+        "cause_nan_loss": "loss 变成 NaN（训练发散）",
+        "cause_disk_full": "磁盘已满或超出配额",
+        "cause_shm": "共享内存不足（/dev/shm）",
+        "cause_segfault": "段错误",
+        "cause_cpp_abort": "C++ 异常终止",
+        "cause_cuda_error": "CUDA 错误",
+        "cause_nccl_error": "NCCL 通信错误",
+        "cause_nccl_timeout": "NCCL 集合通信超时（某个 rank 卡住或先失败）",
+        "cause_fs_error": "文件系统错误",
+        "cause_exception": "Python 异常",
+        "cause_child_failed": "torchrun 子进程失败",
+        "cause_killed": "被杀死（常见原因：内存不足）",
+        "cause_crash": "程序崩溃",
+        "label_time_limit": "超时",
+        "label_oom": "内存不足",
+        "label_host_oom": "内存不足",
+        "label_cuda_oom": "CUDA OOM",
+        "label_accelerator_oom": "显存不足",
+        "label_nan_loss": "NaN loss",
+        "label_disk_full": "磁盘已满",
+        "label_shm": "共享内存不足",
+        "label_segfault": "段错误",
+        "label_cpp_abort": "C++ abort",
+        "label_cuda_error": "CUDA 错误",
+        "label_nccl_error": "NCCL 错误",
+        "label_nccl_timeout": "NCCL 超时",
+        "label_fs_error": "文件系统错误",
+        "label_child_failed": "子进程失败",
+        "label_killed": "被杀",
+        "label_cancelled": "被取消",
+        "label_preempted": "被抢占",
+        "label_interrupted": "Ctrl-C",
+        "label_node_fail": "节点故障",
+        "label_cpu_limit": "CPU 时限",
+        "label_start_failed": "无法启动",
+        "label_crash": "崩溃",
+        "field_progress": "进度",
+        "field_metric": "指标",
+        "field_memory": "峰值内存",
+        "field_gpus": "GPU",
+        "job_partition": "分区",
+        "job_nodes": "节点",
+        "job_limit": "时限 {limit}（已用 {used}%）",
         "title_test": "🔔 hpcrun 测试消息",
         "status_success": "成功",
         "status_failed": "失败",
@@ -190,10 +292,11 @@ MESSAGES = {
         "test_body": "hpcrun 测试消息：通道 {channel} 工作正常。主机 {host}，时间 {time}。",
     },
     "en": {
-        "title_success": "✅ Training finished {name} · {duration}",
-        "title_failed": "❌ Training failed {name} · exit {exit_code} · {duration}",
-        "title_killed": "💀 Training killed {name} · {signal} · {duration}",
-        "title_terminated": "🛑 Training terminated {name} · {signal} · {duration}",
+        "title_success": "✅ Training finished {name}",
+        "title_failed": "❌ Training failed {name}",
+        "title_time_limit": "⏰ Time limit reached {name}",
+        "title_killed": "💀 Training killed {name}",
+        "title_terminated": "🛑 Training terminated {name}",
         "title_unknown": "❓ Unreadable run record {name}",
         "title_lost": "⚠️ Training lost {name} · no heartbeat for {silence}",
         "title_recovered": "🔄 Training heartbeat back {name}",
@@ -227,6 +330,52 @@ MESSAGES = {
         "cause_cpu_limit": "CPU time limit reached",
         "cause_start_failed": "the command could not be started",
         "cause_unknown": "unknown",
+        "cause_host_oom": "host out of memory",
+        "cause_cuda_oom": "CUDA out of memory",
+        "cause_accelerator_oom": "accelerator out of memory (TF/JAX)",
+        "cause_nan_loss": "loss became NaN (training diverged)",
+        "cause_disk_full": "disk full or quota exceeded",
+        "cause_shm": "shared memory too small (/dev/shm)",
+        "cause_segfault": "segmentation fault",
+        "cause_cpp_abort": "C++ abort",
+        "cause_cuda_error": "CUDA error",
+        "cause_nccl_error": "NCCL communication error",
+        "cause_nccl_timeout": "NCCL collective timed out (a rank hung or failed first)",
+        "cause_fs_error": "file system error",
+        "cause_exception": "Python exception",
+        "cause_child_failed": "a torchrun worker failed",
+        "cause_killed": "killed (often: out of memory)",
+        "cause_crash": "crash",
+        "label_time_limit": "time limit",
+        "label_oom": "OOM",
+        "label_host_oom": "host OOM",
+        "label_cuda_oom": "CUDA OOM",
+        "label_accelerator_oom": "accelerator OOM",
+        "label_nan_loss": "NaN loss",
+        "label_disk_full": "disk full",
+        "label_shm": "shm too small",
+        "label_segfault": "segfault",
+        "label_cpp_abort": "C++ abort",
+        "label_cuda_error": "CUDA error",
+        "label_nccl_error": "NCCL error",
+        "label_nccl_timeout": "NCCL timeout",
+        "label_fs_error": "file system error",
+        "label_child_failed": "worker failed",
+        "label_killed": "killed",
+        "label_cancelled": "cancelled",
+        "label_preempted": "preempted",
+        "label_interrupted": "Ctrl-C",
+        "label_node_fail": "node failure",
+        "label_cpu_limit": "CPU limit",
+        "label_start_failed": "cannot start",
+        "label_crash": "crash",
+        "field_progress": "Progress",
+        "field_metric": "Metric",
+        "field_memory": "Peak memory",
+        "field_gpus": "GPUs",
+        "job_partition": "partition",
+        "job_nodes": "nodes",
+        "job_limit": "limit {limit} ({used}% used)",
         "title_test": "🔔 hpcrun test message",
         "status_success": "success",
         "status_failed": "failed",
@@ -396,6 +545,157 @@ def read_tail(path, line_count, max_bytes=TAIL_MAX_BYTES):
     return lines[-line_count:]
 
 
+def strip_rank(line):
+    return RANK_PREFIX_RE.sub("", line, count=1)
+
+
+def mask_secrets(line):
+    """Lines that look like they hold a token, key or password, with the value masked."""
+    for pattern in SECRET_PATTERNS:
+        line = pattern.sub(lambda match: match.group(1) + "***", line)
+    return line
+
+
+def classify_log(lines):
+    """(cause, line) of the likeliest root cause in a log tail, or (None, None)."""
+    best = None
+    in_traceback = False
+    for index, raw in enumerate(lines):
+        line = strip_rank(raw).strip()
+        if TRACEBACK_RE.match(line):
+            in_traceback = True
+            continue
+        for cause, tier, pattern in FAILURE_PATTERNS:
+            if cause == "exception" and (not in_traceback or raw.startswith((" ", "\t"))):
+                continue
+            if pattern.search(line):
+                if cause == "exception" and line.startswith("KeyboardInterrupt"):
+                    cause = "interrupted"
+                if best is None or (tier, index) < best[0]:
+                    best = ((tier, index), cause, line)
+                break
+    if best is None:
+        return None, None
+    return best[1], best[2][:300]
+
+
+def exception_name(line):
+    """ValueError of 'ValueError: bad value' (the short label of a Python exception)."""
+    return line.split(":", 1)[0].strip().rsplit(".", 1)[-1][:40]
+
+
+def parse_progress(lines):
+    """'epoch 12/100 · 37% 370/1000' from the last lines that show progress, or None."""
+    found = {}
+    for line in reversed(lines):
+        line = strip_rank(line)
+        for kind, pattern in PROGRESS_PATTERNS:
+            if kind in found:
+                continue
+            matches = list(pattern.finditer(line))
+            if matches:
+                found[kind] = matches[-1]
+        if "epoch" in found and ("bar" in found or "step" in found):
+            break
+    parts = []
+    if "epoch" in found:
+        match = found["epoch"]
+        parts.append("epoch %s" % (match.group(1) + ("/" + match.group(2) if match.group(2) else "")))
+    if "bar" in found:
+        match = found["bar"]
+        parts.append("%s%% %s/%s" % match.groups())
+    elif "step" in found:
+        match = found["step"]
+        parts.append("step %s" % (match.group(1) + ("/" + match.group(2) if match.group(2) else "")))
+    return " · ".join(parts) or None
+
+
+def metric_regex(name):
+    return re.compile(r"(?i)(?<![\w.])['\"]?" + re.escape(name) +
+                      r"['\"]?\s*[:=]?\s*(?:tensor\()?([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|nan|[-+]?inf)\b")
+
+
+def format_number(value):
+    if value != value:
+        return "nan"
+    if value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    return "%.4g" % value
+
+
+def sparkline(values, width=20):
+    """▇▆▅▄▃▂▁ of a series: one character per bucket (its last value); × for nan, ↑ for inf."""
+    if not values:
+        return ""
+    count = min(width, len(values))
+    buckets = [values[int(i * len(values) / count)] for i in range(count)]
+    buckets[-1] = values[-1]
+    finite = [v for v in buckets if v == v and abs(v) != float("inf")]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    chars = []
+    for value in buckets:
+        if value != value:
+            chars.append("×")
+        elif abs(value) == float("inf"):
+            chars.append("↑")
+        elif high == low:
+            chars.append(SPARK_CHARS[0])
+        else:
+            chars.append(SPARK_CHARS[int((value - low) / (high - low) * (len(SPARK_CHARS) - 1))])
+    return "".join(chars)
+
+
+def format_metric_trend(name, values):
+    """'loss 2.31 → 0.12 (best 0.11) ▇▆▅▄▃▃▂▂▁▁', or None without values."""
+    if not values:
+        return None
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    best = (max if HIGHER_IS_BETTER_RE.search(name) else min)(finite) if finite else None
+    text = "%s %s → %s" % (name, format_number(values[0]), format_number(values[-1]))
+    if best is not None and len(values) > 1:
+        text += " (best %s)" % format_number(best)
+    return text + " " + sparkline(values)
+
+
+class MetricSampler(object):
+    """A bounded, evenly thinned sample of one metric over a whole run, plus the last progress.
+
+    It looks at the output at most once per SAMPLE_INTERVAL, so its cost does not grow with
+    the output rate."""
+
+    def __init__(self, name, clock=time.monotonic):
+        self.name = name
+        self.pattern = re.compile(metric_regex(name).pattern.encode("ascii"))
+        self.values = []
+        self.stride = 1
+        self.seen = 0
+        self.progress = None
+        self.clock = clock
+        self.next_look = 0.0
+
+    def feed(self, chunk):
+        now = self.clock()
+        if now < self.next_look:
+            return
+        self.next_look = now + SAMPLE_INTERVAL
+        window = chunk[-65536:]
+        matches = self.pattern.findall(window)
+        if matches:
+            self.add(float(matches[-1].decode("ascii")))
+        progress = parse_progress(clean_log_text(window[-8192:].decode("utf-8", errors="replace"))[-20:])
+        if progress:
+            self.progress = progress
+
+    def add(self, value):
+        self.seen += 1
+        if (self.seen - 1) % self.stride:
+            return
+        self.values.append(value)
+        if len(self.values) >= METRIC_POINTS:
+            self.values = self.values[::2]
+            self.stride *= 2
+
+
 def last_line_of(chunk):
     """The last non-empty cleaned line of a chunk of raw log bytes."""
     lines = [line for line in clean_log_text(chunk[-4096:].decode("utf-8", errors="replace")) if line]
@@ -553,6 +853,10 @@ def check_config(config):
             elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
                 values[key] = parse_number(value, type(default), config, name, key)
     parse_events(config)
+    check_templates(config)
+    if not re.match(r"^[A-Za-z_][\w./-]*$", str(config.get("report", "metric"))):
+        raise ConfigError("%s: [report] metric: '%s' is not a metric name"
+                          % (config.where("report", "metric"), config.get("report", "metric")))
     language = config.get("notify", "language")
     if language not in LANGUAGES:
         raise ConfigError("%s: [notify] language: '%s' is not one of %s"
@@ -575,6 +879,21 @@ def parse_events(config):
         raise ConfigError("%s: [notify] events: unknown event '%s' (known: %s)"
                           % (config.where("notify", "events"), unknown[0], ", ".join(EVENTS)))
     return set(events)
+
+
+def check_templates(config):
+    """A [report] template may use only the named fields: a typo is a config error, not a crash."""
+    for key in ("title_template", "header_template"):
+        template = config.get("report", key)
+        if not template:
+            continue
+        try:
+            template.format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
+        except KeyError as error:
+            raise ConfigError("%s: [report] %s: unknown field {%s} (known: %s)" % (
+                config.where("report", key), key, error.args[0], ", ".join(TEMPLATE_FIELDS)))
+        except (ValueError, IndexError) as error:
+            raise ConfigError("%s: [report] %s: %s" % (config.where("report", key), key, error))
 
 
 def parse_number(value, kind, config, section, key):
@@ -907,22 +1226,45 @@ def release_command(job):
     return "%s %s" % (RELEASE_COMMANDS[job["scheduler"]], job["id"])
 
 
-def job_end_time(job, start_time, env, runner=subprocess.run):
-    """When the scheduler will stop the job (epoch), asked once at start; None when unknown."""
-    if not job:
-        return None
-    if job.get("end_time"):
-        return job["end_time"]
+def add_job_times(job, start_time, env, runner=subprocess.run):
+    """End time, time limit and output file of the job, asked of the scheduler once at start."""
     if job["scheduler"] == "slurm":
-        text = run_quietly(["squeue", "-h", "-j", job["id"], "-o", "%e"], runner)
-        try:
-            return time.mktime(time.strptime((text or "").strip(), "%Y-%m-%dT%H:%M:%S"))
-        except ValueError:
-            return None
+        text = run_quietly(["scontrol", "show", "job", job["id"]], runner) or ""
+        fields = dict(re.findall(r"\b(EndTime|TimeLimit|StdOut|StartTime)=(\S+)", text))
+        job["end_time"] = job.get("end_time") or parse_slurm_time(fields.get("EndTime"))
+        job["time_limit"] = parse_time_limit(fields.get("TimeLimit"))
+        job["output_file"] = fields.get("StdOut")
     walltime = env.get("PBS_WALLTIME")
     if job["scheduler"] == "pbs" and walltime and walltime.isdigit():
-        return start_time + int(walltime)
-    return None
+        job["time_limit"] = int(walltime)
+        job["end_time"] = start_time + int(walltime)
+    if job["scheduler"] == "sge":
+        job["output_file"] = env.get("SGE_STDOUT_PATH")
+    if job["scheduler"] == "lsf":
+        job["output_file"] = env.get("LSB_OUTPUTFILE")
+    return job
+
+
+def parse_slurm_time(text):
+    try:
+        return time.mktime(time.strptime(text or "", "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def parse_time_limit(text):
+    """Seconds of a Slurm time limit (D-HH:MM:SS, HH:MM:SS, MM:SS, MM), None for UNLIMITED."""
+    match = re.match(r"^(?:(\d+)-)?(?:(\d+):)?(\d+)(?::(\d+))?$", text or "")
+    if not match:
+        return None
+    days, first, second, third = (int(part) if part else None for part in match.groups())
+    if third is not None:
+        hours, minutes, seconds = (first or 0), second, third
+    elif first is not None:
+        hours, minutes, seconds = (0, first, second) if days is None else (first, second, 0)
+    else:
+        hours, minutes, seconds = (second, 0, 0) if days is not None else (0, second, 0)
+    return (days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
 def parse_epoch_text(text):
@@ -1005,13 +1347,14 @@ class Relay(threading.Thread):
     must not block on its wrapper.
     """
 
-    def __init__(self, source_fd, log_fd, out_fd):
+    def __init__(self, source_fd, log_fd, out_fd, sampler):
         threading.Thread.__init__(self, name="relay", daemon=True)
         self.source_fd = source_fd
         self.log_fd = log_fd
         self.out_fd = out_fd
+        self.sampler = sampler
         self.bytes = 0
-        self.last_chunk = b""
+        self.recent = b""           # the last RECENT_BYTES of output, for the heartbeat's last line
         self.log_error = None
 
     def run(self):
@@ -1024,9 +1367,10 @@ class Relay(threading.Thread):
             if not chunk:
                 break
             self.bytes += len(chunk)
-            self.last_chunk = chunk
+            self.recent = (self.recent + chunk[-RECENT_BYTES:])[-RECENT_BYTES:]
             self.write_out(chunk)
             self.write_log(chunk)
+            self.sampler.feed(chunk)
 
     def write_out(self, chunk):
         if self.out_fd is None:
@@ -1047,7 +1391,7 @@ class Relay(threading.Thread):
             self.log_fd = None
 
     def last_line(self):
-        return last_line_of(self.last_chunk)
+        return last_line_of(self.recent)
 
 
 def descendants(pid):
@@ -1132,7 +1476,7 @@ def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oo
         end_time = (job or {}).get("end_time")
         if name == "SIGINT":
             cause = "interrupted"
-        elif end_time and signal_time >= end_time - 60:
+        elif end_time and signal_time >= end_time - TIME_LIMIT_SLACK:
             cause = "time_limit"
         elif name == "SIGXCPU":
             cause = "cpu_limit"
@@ -1174,6 +1518,9 @@ class Wrapper(object):
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.forward = set(signal_number(name) for name in (args.forward_signal or []))
+        self.sampler = MetricSampler(config.get("report", "metric"))
+        self.peak_rss = 0
+        self.gpus = gpu_facts(env)
 
     def paths(self, sub):
         return os.path.join(state_dir(self.work_dir, sub), self.run_id + ".json")
@@ -1209,7 +1556,7 @@ class Wrapper(object):
             failure.exit_code = 127
             raise failure
         enlarge_pipe(self.child.stdout.fileno())
-        self.relay = Relay(self.child.stdout.fileno(), self.log_fd, sys.stdout.fileno())
+        self.relay = Relay(self.child.stdout.fileno(), self.log_fd, sys.stdout.fileno(), self.sampler)
         self.relay.start()
         threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
 
@@ -1218,9 +1565,16 @@ class Wrapper(object):
         record.update(seq=self.seq, written_at=self.now(),
                       heartbeat_interval=self.config.get("wrap", "heartbeat_interval"),
                       log_size=self.relay.bytes if self.relay else 0,
-                      last_line=self.relay.last_line() if self.relay else "",
+                      last_line=mask_secrets(self.relay.last_line()) if self.relay else "",
                       warnings=list(self.warnings))
+        record.update(self.observations())
         return record
+
+    def observations(self):
+        """What the wrapper learnt of the training: progress, metric sample, memory, GPUs."""
+        return {"progress": self.sampler.progress, "peak_rss": self.peak_rss or None, "gpus": self.gpus,
+                "metric": {"name": self.sampler.name, "values": list(self.sampler.values)}
+                if self.sampler.values else None}
 
     def write_running(self):
         with self.lock:
@@ -1233,9 +1587,15 @@ class Wrapper(object):
                 print_warning("cannot write heartbeat: %s" % (error.strerror or error))
 
     def heartbeat(self):
+        """Sample the training's memory every few seconds; rewrite the running record every interval."""
         interval = max(1.0, self.config.get("wrap", "heartbeat_interval"))
-        while not self.stopped.wait(interval):
-            self.write_running()
+        step = min(interval, MEMORY_SAMPLE_INTERVAL)
+        next_beat = time.monotonic() + interval
+        while not self.stopped.wait(step):
+            self.peak_rss = max(self.peak_rss, tree_rss(self.child.pid) if self.child else 0)
+            if time.monotonic() >= next_beat:
+                next_beat += interval
+                self.write_running()
 
     def on_signal(self, number, frame):
         name = signal_name(number)
@@ -1298,6 +1658,9 @@ class Wrapper(object):
                       duration=end_time - self.start_time, log_size=self.relay.bytes if self.relay else 0)
         if returncode is not None:
             record["child_returncode"] = returncode
+        if final:
+            self.peak_rss = max(self.peak_rss, children_max_rss())
+        record.update(self.observations())
         if self.relay and self.relay.log_error:
             record["log_error"] = self.relay.log_error
         if self.warnings:
@@ -1330,6 +1693,37 @@ def signal_warning(name, now, end_time):
     if end_time:
         text += " (time limit in ~%s)" % format_duration(max(0, end_time - now))
     return text
+
+
+def tree_rss(pid):
+    """Resident memory in bytes of a process and all below it (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for member in [pid] + descendants(pid):
+        try:
+            with open("/proc/%d/statm" % member, "rb") as stream:
+                total += int(stream.read().split()[1]) * PAGE_SIZE
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def children_max_rss():
+    """The largest resident size any waited-for child reached (bytes)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return 0
+
+
+def gpu_facts(env, runner=subprocess.run):
+    """GPUs given to the job, and their names from nvidia-smi (asked once, with a timeout)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES") or env.get("SLURM_JOB_GPUS") or env.get("SLURM_STEP_GPUS")
+    names = run_quietly(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], runner)
+    names = [line.strip() for line in (names or "").splitlines() if line.strip()]
+    if not visible and not names:
+        return None
+    return {"visible": visible, "names": names}
 
 
 def process_running(pid):
@@ -1387,7 +1781,7 @@ def wrap_training(args, config, env):
     wrapper = Wrapper(args, config, env)
     parent_comm = read_parent_comm()
     if wrapper.job:
-        wrapper.job["end_time"] = job_end_time(wrapper.job, wrapper.start_time, env)
+        add_job_times(wrapper.job, wrapper.start_time, env)
         wrapper.job["outlives"] = allocation_outlives(wrapper.job, env, parent_comm)
         wrapper.job["release"] = release_command(wrapper.job)
     warning = slurm_launch_warning(wrapper.job, parent_comm)
@@ -1457,58 +1851,191 @@ class Report(object):
         return fit_text(self.header, self.tail, limit, unit, MESSAGES[self.language])
 
 
-def report_fields(record):
+TRUSTED_CAUSES = ("time_limit", "oom", "cancelled", "preempted", "interrupted", "node_fail",
+                  "cpu_limit", "start_failed")
+CLASSIFY_LINES = 2000        # log lines looked at for the cause, from a tail of at most 1 MiB
+TEMPLATE_FIELDS = ("name", "status", "cause", "duration", "exit_code", "signal", "host", "job_id",
+                   "progress", "metric", "work_dir", "log_file", "command", "start", "end", "run_id",
+                   "peak_memory", "gpus")
+
+
+def one_line(text, limit):
+    text = " ⏎ ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def format_bytes(count):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return ("%.1f %s" % (count, unit)) if unit != "B" else "%d B" % count
+        count /= 1024.0
+
+
+def read_log_lines(record, work_dir, messages):
+    """Up to CLASSIFY_LINES cleaned lines from the end of the run's log, or ([], why not)."""
+    log_file = record.get("log_file")
+    if not log_file:
+        return [], None
+    try:
+        lines = read_tail(os.path.join(work_dir, log_file), CLASSIFY_LINES)
+    except OSError as error:
+        return [], messages["no_log"].format(reason=error.strerror or error)
+    return [mask_secrets(line) for line in lines], None if lines else messages["no_log"].format(reason="empty")
+
+
+def scheduler_output_lines(record):
+    """The end of the job's own output file (slurm-%j.out), where the scheduler writes why it killed."""
+    path = (record.get("job") or {}).get("output_file") if isinstance(record.get("job"), dict) else None
+    if not path or record.get("status") not in ("lost", "killed", "terminated"):
+        return []
+    try:
+        return read_tail(path, 50)
+    except OSError:
+        return []
+
+
+def resolve_cause(record, lines):
+    """(cause, the log line that shows it): the ending's facts first, then the log."""
+    recorded = record.get("cause")
+    if record.get("status") not in ("failed", "killed", "terminated", "lost"):
+        return None, None
+    if recorded in TRUSTED_CAUSES:
+        return recorded, None
+    cause, line = classify_log(scheduler_output_lines(record) + lines)
+    if cause:
+        return cause, line
+    return (recorded if recorded not in ("exit_code", "unknown") else None), None
+
+
+def cause_label(cause, line, messages):
+    if cause == "exception" and line:
+        return exception_name(line)
+    return messages.get("label_" + str(cause)) if cause else None
+
+
+def job_summary(job, duration, messages):
+    if not job:
+        return None
+    parts = [job_label(job)]
+    if job.get("partition"):
+        parts.append("%s %s" % (messages["job_partition"], job["partition"]))
+    if job.get("nodes"):
+        parts.append("%s %s" % (messages["job_nodes"], job["nodes"]))
+    if job.get("time_limit"):
+        used = int(round(100.0 * (duration or 0) / job["time_limit"]))
+        parts.append(messages["job_limit"].format(limit=format_duration(job["time_limit"]), used=used))
+    return " · ".join(parts)
+
+
+def gpu_summary(gpus):
+    if not isinstance(gpus, dict):
+        return None
+    names = gpus.get("names") or []
+    text = str(gpus.get("visible") or "")
+    if names:
+        text += (" " if text else "") + "(%s)" % ", ".join(
+            "%s ×%d" % (name, names.count(name)) if names.count(name) > 1 else name
+            for name in sorted(set(names)))
+    return text or None
+
+
+def report_fields(record, lines, messages):
+    """Every named field a report (and a [report] template) can show."""
     duration = record.get("duration")
     if duration is None and record.get("start_time") and record.get("end_time"):
         duration = record["end_time"] - record["start_time"]
+    job = record.get("job") if isinstance(record.get("job"), dict) else {}
+    cause, cause_line = resolve_cause(record, lines)
     return {
-        "name": record.get("name") or record.get("run_id") or "?",
-        "duration": format_duration(duration) if duration is not None else "?",
-        "exit_code": record.get("exit_code", "?"),
-        "signal": record.get("signal") or "?",
+        "name": record.get("name") or record.get("run_id") or "?", "run_id": record.get("run_id") or "",
+        "status": record.get("status") or "unknown", "cause": cause or "", "cause_line": cause_line,
+        "label": cause_label(cause, cause_line, messages),
+        "duration": format_duration(duration) if duration is not None else "?", "seconds": duration,
+        "exit_code": record.get("exit_code", "?"), "signal": record.get("signal") or "",
+        "host": record.get("host") or "", "job_id": job.get("id") or "",
+        "progress": parse_progress(lines[-200:]) or record.get("progress") or "",
+        "metric": metric_line(record) or "",
+        "work_dir": record.get("work_dir") or "", "log_file": record.get("log_file") or "",
+        "command": one_line(mask_secrets(record.get("command") or ""), 300),
+        "start": format_local_time(record["start_time"]) if record.get("start_time") else "",
+        "end": format_local_time(record["end_time"]) if record.get("end_time") else "",
+        "peak_memory": format_bytes(record["peak_rss"]) if record.get("peak_rss") else "",
+        "gpus": gpu_summary(record.get("gpus")) or "",
         "silence": format_duration(record.get("silence") or 0),
         "remaining": format_duration(record.get("remaining") or 0),
         "since": format_duration(record.get("since") or 0),
-        "release": record.get("release") or ((record.get("job") or {}).get("release")
-                                             if isinstance(record.get("job"), dict) else None) or "?",
+        "release": record.get("release") or job.get("release") or "?",
     }
 
 
 def build_report(record, config, work_dir):
-    """The report of a completion record, in the configured language, with the log tail."""
+    """The report of a record, in the configured language: title, header, log tail."""
     language = config.get("notify", "language")
     messages = MESSAGES[language]
     status = record.get("status") if record.get("status") in STATUSES + EVENT_STATUSES else "unknown"
-    fields = report_fields(record)
-    title = messages["title_" + status].format(**fields)
+    lines, log_note = read_log_lines(record, work_dir, messages)
+    fields = report_fields(record, lines, messages)
+    title = report_title(status, fields, messages, config.get("report", "title_template"))
     if record.get("test"):
         title = messages["test_prefix"] + title
-    header = report_header(record, messages, status, fields)
-    tail = report_tail(record, work_dir, config.get("report", "include_last_n_lines"), messages)
-    return Report(title, header, tail, language, config.get("report", "max_chars"))
+    header = report_header(record, messages, status, fields, config.get("report", "header_template"))
+    line_count = config.get("report", "include_last_n_lines")
+    tail = lines[-line_count:] if line_count else []
+    tail = [messages["tail_header"].format(n=len(tail))] + tail if tail else ([log_note] if log_note else [])
+    secrets = config.secrets
+    return Report(redact(title, secrets), [redact(line, secrets) for line in header],
+                  [redact(line, secrets) for line in tail], language, config.get("report", "max_chars"))
 
 
-def report_header(record, messages, status, fields):
+def report_title(status, fields, messages, template):
+    """✅ 训练完成 resnet50 · 3h12m, ❌ 训练失败 resnet50 · CUDA OOM · exit 1, ⏰ 超时被终止 ..."""
+    if template:
+        return template.format(**fields)
+    if status in STATUSES and fields["cause"] == "time_limit":
+        return messages["title_time_limit"].format(**fields) + " · " + fields["duration"]
+    title = messages["title_" + status].format(**fields)
+    if status == "success":
+        extras = [fields["duration"]]
+    elif status == "failed":
+        extras = [fields["label"], "exit %s" % fields["exit_code"]]
+    elif status in ("killed", "terminated"):
+        extras = [fields["label"], fields["signal"]]
+    else:
+        extras = []
+    return " · ".join([title] + [extra for extra in extras if extra])
+
+
+def report_header(record, messages, status, fields, template):
+    """The lines that always survive: the cause first, then what happened, to what, where."""
+    if template:
+        return template.replace("\\n", "\n").format(**fields).splitlines()
     job = record.get("job") if isinstance(record.get("job"), dict) else None
+    cause = fields["cause"]
+    cause_text = messages.get("cause_" + cause, cause) if cause else None
+    if cause_text and fields["cause_line"]:
+        cause_text = "%s — %s" % (cause_text, fields["cause_line"])
     rows = [
+        ("field_cause", cause_text),
         ("field_status", messages["status_" + status].format(**fields)),
         ("field_exit_code", record.get("exit_code")),
         ("field_signal", record.get("signal")),
-        ("field_cause", messages.get("cause_%s" % record.get("cause"), record.get("cause"))
-         if record.get("cause") != "exit_code" else None),
+        ("field_progress", fields["progress"]),
+        ("field_metric", fields["metric"]),
         ("field_name", fields["name"]),
-        ("field_command", record.get("command")),
+        ("field_command", fields["command"]),
         ("field_work_dir", record.get("work_dir")),
         ("field_host", record.get("host")),
-        ("field_job", job_label(job)),
+        ("field_job", job_summary(job, fields["seconds"], messages)),
+        ("field_gpus", fields["gpus"]),
+        ("field_memory", fields["peak_memory"]),
         ("field_scheduler", record.get("scheduler_state")),
         ("field_last_heartbeat", format_local_time(record["last_heartbeat"])
          if record.get("last_heartbeat") else None),
-        ("field_last_line", record.get("last_line") if status in EVENT_STATUSES else None),
+        ("field_last_line", mask_secrets(record.get("last_line") or "") if status in EVENT_STATUSES else None),
         ("field_time_left", fields["remaining"] if status == "time_limit_warning" else None),
         ("field_release", record.get("release") if status == "release_reminder" else None),
-        ("field_start", format_local_time(record["start_time"]) if record.get("start_time") else None),
-        ("field_end", format_local_time(record["end_time"]) if record.get("end_time") else None),
+        ("field_start", fields["start"]),
+        ("field_end", fields["end"]),
         ("field_duration", fields["duration"] if fields["duration"] != "?" else None),
         ("field_log", record.get("log_file")),
     ]
@@ -1521,20 +2048,6 @@ def report_header(record, messages, status, fields):
         if note:
             header.append(str(note))
     return header
-
-
-def report_tail(record, work_dir, line_count, messages):
-    log_file = record.get("log_file")
-    if not log_file or not line_count:
-        return []
-    path = os.path.join(work_dir, log_file)
-    try:
-        lines = read_tail(path, line_count)
-    except OSError as error:
-        return [messages["no_log"].format(reason=error.strerror or error)]
-    if not lines:
-        return [messages["no_log"].format(reason="empty")]
-    return [messages["tail_header"].format(n=len(lines))] + lines
 
 
 def test_report(config, channel):
@@ -2300,7 +2813,14 @@ def status_entry(work_dir, sub, state, record, delivery):
             "last_line": last_line or "", "job": job_label(job),
             "time_left": job["end_time"] - now if sub == "running" and job.get("end_time") else None,
             "heartbeat_age": now - record["written_at"] if sub == "running" and record.get("written_at") else None,
-            "delivery_failures": delivery.get("failures", 0), "delivery_error": delivery.get("last_error")}
+            "delivery_failures": delivery.get("failures", 0), "delivery_error": delivery.get("last_error"),
+            "progress": record.get("progress"), "metric": metric_line(record)}
+
+
+def metric_line(record):
+    metric = record.get("metric") if isinstance(record.get("metric"), dict) else {}
+    values = [float(v) for v in metric.get("values") or [] if isinstance(v, (int, float))]
+    return format_metric_trend(str(metric.get("name") or "loss"), values)
 
 
 def format_status_line(run):
@@ -2312,8 +2832,9 @@ def format_status_line(run):
         parts.append("%s left" % format_duration(run["time_left"]))
     if run.get("heartbeat_age") is not None:
         parts.append("heartbeat %s ago" % format_duration(run["heartbeat_age"]))
-    if run.get("job"):
-        parts.append(run["job"])
+    for key in ("job", "progress", "metric"):
+        if run.get(key):
+            parts.append(run[key])
     parts.append(run.get("last_line") or "")
     return "  ".join(parts)
 
