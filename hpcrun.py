@@ -105,8 +105,9 @@ TERMINATING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGXCPU")
 WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
 CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL")
 DEFAULT_GRACE = 8.0          # seconds between SIGTERM and SIGKILL off Slurm (PBS Pro 10, LSF 10)
-TIME_LIMIT_SLACK = 10.0      # a SIGTERM this close to (or after) the job's end time is the time limit
-FORWARD_DELAY = 1.0          # seconds before a signal is forwarded to a training still alive
+TIME_LIMIT_SLACK = 60.0      # a SIGTERM this close to (or after) the job's end time is the time limit
+FORWARD_DELAY = 1.0
+PROVISIONAL_MARGIN = 30.0    # seconds a monitor on another host waits beyond the wrapper's grace          # seconds before a signal is forwarded to a training still alive
 DRAIN_IDLE = 1.0             # after the training exits, stop relaying once its pipe is idle this long
 READ_CHUNK = 1 << 20
 RECENT_BYTES = 4096
@@ -178,6 +179,7 @@ SPARK_CHARS = "▁▂▃▄▅▆▇█"
 METRIC_POINTS = 256          # values kept over a whole run (thinned evenly as it grows)
 SAMPLE_INTERVAL = 1.0        # seconds between two looks at the output for metrics and progress
 HIGHER_IS_BETTER_RE = re.compile(r"(?i)acc|f1|auc|bleu|rouge|score|precision|recall|map|iou|reward")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 
 MESSAGES = {
@@ -507,8 +509,8 @@ def signal_number(name):
 
 
 def clean_log_text(text):
-    """One log line per element: ANSI codes removed, \\r redraws collapsed to their last state."""
-    text = ANSI_RE.sub("", text.replace("\r\n", "\n"))
+    """One log line per element: ANSI codes and control bytes removed, \\r redraws collapsed."""
+    text = CONTROL_RE.sub("", ANSI_RE.sub("", text.replace("\r\n", "\n")))
     lines = []
     for line in text.split("\n"):
         if "\r" in line:
@@ -1004,7 +1006,7 @@ def remove_quietly(path):
 def read_json_file(path, max_bytes=1 << 20):
     """A JSON object from a regular file; symlinks, huge files and bad JSON are HpcrunErrors."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise HpcrunError("record '%s' is a symbolic link: not read" % path)
@@ -1469,6 +1471,12 @@ def slurm_grace(default, runner=subprocess.run):
     return max(int(match.group(1)), 5) - 3 if match else default
 
 
+def time_limit_slack(job):
+    """Slurm's timers may fire up to a minute off; a short job gets a tenth of its limit."""
+    limit = job.get("time_limit")
+    return min(TIME_LIMIT_SLACK, 0.1 * limit) if limit else TIME_LIMIT_SLACK
+
+
 def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oom_after):
     """(status, exit_code, signal name, cause) of a finished or stopped training."""
     if wrapper_signal:
@@ -1476,7 +1484,7 @@ def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oo
         end_time = (job or {}).get("end_time")
         if name == "SIGINT":
             cause = "interrupted"
-        elif end_time and signal_time >= end_time - TIME_LIMIT_SLACK:
+        elif end_time and signal_time >= end_time - time_limit_slack(job):
             cause = "time_limit"
         elif name == "SIGXCPU":
             cause = "cpu_limit"
@@ -1511,6 +1519,7 @@ class Wrapper(object):
         self.command = args.command if args.command else " ".join(shlex.quote(a) for a in args.program)
         self.child = None
         self.child_exit_time = None
+        self.grace = DEFAULT_GRACE
         self.relay = None
         self.seq = 0
         self.signals = []            # (signal number, wall time) in order of arrival
@@ -1669,6 +1678,8 @@ class Wrapper(object):
 
     def write_completion(self, final, returncode=None):
         record = self.completion_record(returncode, final)
+        if not final:
+            record["grace"] = self.grace
         write_json_atomic(self.paths("done"), record)
         return record
 
@@ -2314,7 +2325,8 @@ class Monitor(object):
             try:
                 counts = self.poll_dir(work_dir)
             except (HpcrunError, OSError) as error:
-                message = redact(error, self.config.secrets)
+                message = redact(error if isinstance(error, HpcrunError) else "cannot read work dir '%s': %s"
+                                 % (work_dir, error.strerror or error), self.config.secrets)
                 if self.dir_errors.get(work_dir) != message:
                     self.log("error: %s" % message)
                 self.dir_errors[work_dir] = message
@@ -2352,8 +2364,9 @@ class Monitor(object):
         claimed_dir = state_dir(work_dir, "claimed")
         items = self.take_over_claims(work_dir)
         legacy = os.path.join(work_dir, LEGACY_RECORD)
-        if os.path.lexists(legacy):
+        if os.path.lexists(legacy) or list_dir(state_dir(work_dir, "done")):
             os.makedirs(claimed_dir, exist_ok=True)
+        if os.path.lexists(legacy):
             run_id = "legacy-" + time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(2).hex()
             target = claim_record(legacy, claimed_dir, run_id, self.host, self.pid)
             if target:
@@ -2367,11 +2380,28 @@ class Monitor(object):
             if not self.due(work_dir, run_id):
                 waiting += 1
                 continue
+            if self.provisional_held(os.path.join(done_dir, filename)):
+                continue
             target = claim_record(os.path.join(done_dir, filename), claimed_dir, run_id,
                                   self.host, self.pid)
             if target:
                 items.append((run_id, target))
         return items, waiting
+
+    def provisional_held(self, path):
+        """A provisional record (written on the first signal) waits while its wrapper may still
+        replace it with the final one: on this host while the wrapper lives, elsewhere for its
+        grace plus a margin for NFS."""
+        try:
+            record = read_json_file(path)
+        except HpcrunError:
+            return False
+        if record.get("final") is not False:
+            return False
+        if record.get("host") == self.host and isinstance(record.get("pid"), int):
+            return pid_alive(record["pid"]) and self.now() < (record.get("end_time") or 0) + 3600
+        hold = float(record.get("grace") or DEFAULT_GRACE) + FORWARD_DELAY + PROVISIONAL_MARGIN
+        return self.now() < float(record.get("end_time") or 0) + hold
 
     def deliver_one(self, work_dir, run_id):
         """Deliver one run's record now (run mode): (delivered, failed, pending)."""
@@ -2441,7 +2471,10 @@ class Monitor(object):
             data = read_json_file(claimed)
             if run_id.startswith("legacy-"):
                 return legacy_to_record(data, work_dir, run_id)
-            return check_record(data, claimed)
+            record = check_record(data, claimed)
+            if record.get("note"):
+                self.log("warning: %s: %s" % (run_id, record["note"]))
+            return record
         except HpcrunError as error:
             self.log("error: %s" % error)
             return {"run_id": run_id, "name": run_id, "status": "unknown", "final": True,

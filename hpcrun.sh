@@ -57,7 +57,12 @@ is_monitor() {
   else
     cmdline="$(ps -p "$pid" -o args= 2>/dev/null)" || return 1
   fi
-  [[ "$cmdline" == *hpcrun.py*monitor* ]]
+  [[ "$cmdline" == *"$HPCRUN_PY monitor"* ]]
+}
+
+# POSIX shell quoting ('...'), which cron's /bin/sh (dash) reads as bash does.
+sh_quote() {
+  printf "'%s'" "${1//\'/\'\\\'\'}"
 }
 
 # Turn "[DIR...] [-- OPTIONS]" into hpcrun.py monitor arguments in the array MONITOR_ARGS.
@@ -99,7 +104,12 @@ cmd_monitor() {
     nohup "$PY" "$HPCRUN_PY" monitor "${MONITOR_ARGS[@]}" </dev/null >>"$LOG_FILE" 2>&1 &
   pid=$!
   echo "$pid" >"$PID_FILE"
-  sleep 1
+  # Wait until it has logged its start (config read, channels checked) or died.
+  for _ in $(seq 50); do
+    is_monitor "$pid" || break
+    tail -c "+$((offset + 1))" "$LOG_FILE" | grep -q "monitor started" && break
+    sleep 0.1
+  done
   if ! is_monitor "$pid"; then
     rm -f "$PID_FILE"
     echo "hpcrun.sh: monitor exited at once; its log says:" >&2
@@ -161,11 +171,11 @@ cmd_cron() {
   parse_monitor_args "$@"
   python="$("$PY" -c 'import sys; print(sys.executable)')" || die "cannot run '$PY'"
   mkdir -p "$STATE_DIR"
-  line="*/5 * * * * cd $(printf '%q' "${SCRIPT_PATH%/*}") &&"
+  line="*/5 * * * * cd $(sh_quote "${SCRIPT_PATH%/*}") &&"
   for arg in "$python" "$HPCRUN_PY" monitor --once "${MONITOR_ARGS[@]}"; do
-    line+=" $(printf '%q' "$arg")"
+    line+=" $(sh_quote "$arg")"
   done
-  line+=" >>$(printf '%q' "$STATE_DIR/cron.$HOST.log") 2>&1"
+  line+=" >>$(sh_quote "$STATE_DIR/cron.$HOST.log") 2>&1"
   echo "# add with 'crontab -e' on $HOST (cron has a bare PATH, so every path is absolute):"
   echo "${line//%/\\%}"
 }

@@ -84,13 +84,14 @@ class Reply(object):
     """One scripted answer of FakeXxtui to a valid request."""
 
     def __init__(self, kind, status=200, body=b"", content_type="application/json",
-                 seconds=0.0, location=None):
+                 seconds=0.0, location=None, headers=()):
         self.kind = kind
         self.status = status
         self.body = body
         self.content_type = content_type
         self.seconds = seconds
         self.location = location
+        self.headers = tuple(headers)    # extra (name, value) response headers
 
     def __repr__(self):
         return "Reply(%s, %s, %r)" % (self.kind, self.status, self.body[:60])
@@ -98,6 +99,13 @@ class Reply(object):
     @classmethod
     def json(cls, data, status=200):
         return cls("http", status, json.dumps(data).encode("utf-8"))
+
+    @classmethod
+    def with_headers(cls, reply, **headers):
+        """The same reply with extra response headers: Reply.with_headers(r, Retry_After="2")."""
+        reply.headers += tuple((name.replace("_", "-"), str(value))
+                               for name, value in sorted(headers.items()))
+        return reply
 
     @classmethod
     def ok(cls):
@@ -157,6 +165,7 @@ class FakeXxtui(object):
     def __init__(self, key=KEY):
         self.key = key
         self.requests = []
+        self.request_times = []      # time.monotonic() at the arrival of each request
         self.errors = []
         self._replies = collections.deque()
         self._condition = threading.Condition()
@@ -231,6 +240,7 @@ class FakeXxtui(object):
 
     # the request handler (runs in the server's threads)
     def handle(self, handler):
+        arrived = time.monotonic()
         body = self._read_body(handler)
         data, key, problems = self.check(handler.command, handler.path, handler.headers, body)
         request = Request(handler.command, handler.path,
@@ -239,6 +249,7 @@ class FakeXxtui(object):
         with self._condition:
             number = len(self.requests) + 1
             self.requests.append(request)
+            self.request_times.append(arrived)
             self.errors.extend("request %d: %s" % (number, p) for p in problems)
             reply = None
             if not problems and self._replies:
@@ -338,6 +349,8 @@ class FakeXxtui(object):
                 location = reply.location or self.base + "/moved" + handler.path
                 handler.send_header("Location", location)
             handler.send_header("Content-Type", reply.content_type)
+            for name, value in reply.headers:
+                handler.send_header(name, value)
             handler.send_header("Content-Length", str(len(reply.body)))
             handler.end_headers()
             handler.wfile.write(reply.body)
@@ -497,11 +510,14 @@ def hpcrun_argv(args, script=HPCRUN, python=sys.executable):
     return [python, script] + [str(arg) for arg in args]
 
 
-def run_hpcrun(args, env, timeout=30, cwd=None, script=HPCRUN):
-    """Run hpcrun.py to the end; return Result(returncode, stdout, stderr)."""
+def run_hpcrun(args, env, timeout=30, cwd=None, script=HPCRUN, preexec_fn=None):
+    """Run hpcrun.py to the end; return Result(returncode, stdout, stderr).
+
+    preexec_fn runs in the child before hpcrun.py starts (limits, capabilities)."""
     argv = hpcrun_argv(args, script)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
+                            stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True,
+                            preexec_fn=preexec_fn)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -523,7 +539,7 @@ def kill_group(proc):
 class Background(object):
     """hpcrun.py running in the background, output going to files in the sandbox."""
 
-    def __init__(self, args, env, cwd, out_dir, script=HPCRUN):
+    def __init__(self, args, env, cwd, out_dir, script=HPCRUN, preexec_fn=None):
         self.argv = hpcrun_argv(args, script)
         self.env = env
         self.cwd = cwd
@@ -534,7 +550,7 @@ class Background(object):
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=err, env=env, cwd=cwd,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=preexec_fn)
 
     def read_stdout(self):
         with open(self.stdout_path, "rb") as handle:
