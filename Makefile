@@ -17,7 +17,8 @@ find_python = $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/3.$(1).*/
 PYTHONS = $(foreach minor,$(MINOR_VERSIONS),$(call find_python,$(minor)))
 OLDEST_PYTHON = $(firstword $(PYTHONS))
 
-UNITTEST := -m unittest discover -s tests
+# tests/run.py runs the test modules a few at a time, each in its own process.
+RUN_TESTS := tests/run.py
 PYTHON_FILES = hpcrun.py $(wildcard tests/*.py tests/*/*.py examples/*.py)
 SHELL_FILES = $(wildcard hpcrun.sh examples/*.sh .ci/run tests/slurm/*.sh)
 
@@ -33,7 +34,7 @@ help:
 	@echo "make clean     remove caches"
 
 test:
-	$(PYTHON) $(UNITTEST) -v
+	$(PYTHON) $(RUN_TESTS)
 
 test-all:
 	@test -n "$(PYTHONS)" || { echo "test-all: no CPython 3.6-3.13 found" >&2; exit 1; }
@@ -42,7 +43,7 @@ test-all:
 	    version=$$("$$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])') \
 	        || { failed="$$failed $$py"; continue; }; \
 	    echo ">>> test-all: Python $$version ($$py)"; \
-	    if HPCRUN_SKIP_SLURM=1 "$$py" $(UNITTEST); then \
+	    if HPCRUN_SKIP_SLURM=1 "$$py" $(RUN_TESTS); then \
 	        passed="$$passed $$version"; \
 	    else \
 	        failed="$$failed $$version"; \

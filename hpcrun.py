@@ -62,6 +62,7 @@ DEFAULTS = {
         "min_duration": 0.0,
         "skip_short_failures": False,
         "time_limit_margin": 600.0,
+        "ca_file": "",
     },
     "report": {
         "include_last_n_lines": 50,
@@ -93,11 +94,155 @@ DEFAULTS = {
         "channel": "",
         "timeout": 10.0,
     },
+    "serverchan": {
+        "key": "",
+        "url": "",
+        "timeout": 10.0,
+    },
+    "pushplus": {
+        "token": "",
+        "url": "https://www.pushplus.plus/send",
+        "template": "txt",
+        "channel": "",
+        "topic": "",
+        "timeout": 10.0,
+    },
+    "bark": {
+        "device_key": "",
+        "url": "https://api.day.app",
+        "group": "hpcrun",
+        "level": "",
+        "sound": "",
+        "timeout": 10.0,
+    },
+    "feishu": {
+        "token": "",
+        "secret": "",
+        "url": "https://open.feishu.cn/open-apis/bot/v2/hook/{token}",
+        "timeout": 10.0,
+    },
+    "dingtalk": {
+        "access_token": "",
+        "secret": "",
+        "url": "https://oapi.dingtalk.com/robot/send",
+        "timeout": 10.0,
+    },
+    "wecom": {
+        "key": "",
+        "url": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send",
+        "timeout": 10.0,
+    },
+    "ntfy": {
+        "url": "https://ntfy.sh",
+        "topic": "",
+        "token": "",
+        "user": "",
+        "password": "",
+        "priority": 3,
+        "tags": "",
+        "timeout": 10.0,
+    },
+    "slack": {
+        "url": "",
+        "timeout": 10.0,
+    },
+    "discord": {
+        "url": "",
+        "username": "hpcrun",
+        "timeout": 10.0,
+    },
+    "telegram": {
+        "token": "",
+        "chat_id": "",
+        "url": "https://api.telegram.org",
+        "timeout": 10.0,
+    },
+    "pushover": {
+        "token": "",
+        "user": "",
+        "url": "https://api.pushover.net/1/messages.json",
+        "priority": "",
+        "sound": "",
+        "device": "",
+        "timeout": 10.0,
+    },
+    "gotify": {
+        "url": "",
+        "token": "",
+        "priority": 5,
+        "timeout": 10.0,
+    },
+    "webhook": {
+        "url": "",
+        "method": "POST",
+        "headers": "",
+        "body": '{"title": "{title}", "content": "{content}"}',
+        "timeout": 10.0,
+    },
+    "email": {
+        "host": "",
+        "port": 465,
+        "security": "auto",
+        "user": "",
+        "password": "",
+        "from": "",
+        "to": "",
+        "timeout": 10.0,
+    },
     "console": {},
 }
-CHANNEL_TYPES = ("console", "xxtui")
-SECRET_KEYS = ("api_key", "token", "secret", "password")
-REQUIRED_KEYS = {"xxtui": ("api_key",)}
+CHANNEL_TYPES = ("console", "xxtui", "serverchan", "pushplus", "bark", "feishu", "dingtalk", "wecom",
+                 "ntfy", "slack", "discord", "telegram", "pushover", "gotify", "webhook", "email")
+SECRET_KEYS = ("api_key", "key", "token", "access_token", "device_key", "secret", "password")
+# Settings that are secret for one type only: webhook URLs carry their token in the URL, the
+# ntfy topic is the password of a public topic, the Pushover user key pairs with the token.
+SECRET_KEYS_OF_TYPE = {"slack": ("url",), "discord": ("url",), "feishu": ("url",),
+                       "dingtalk": ("url",), "wecom": ("url",), "webhook": ("url", "headers"),
+                       "ntfy": ("topic",), "pushover": ("user",)}
+REQUIRED_KEYS = {"xxtui": ("api_key",), "serverchan": ("key",), "pushplus": ("token",),
+                 "bark": ("device_key",), "feishu": ("token",), "dingtalk": ("access_token",),
+                 "wecom": ("key",), "ntfy": ("topic",), "slack": ("url",), "discord": ("url",),
+                 "telegram": ("token", "chat_id"), "pushover": ("token", "user"),
+                 "gotify": ("url", "token"), "webhook": ("url",), "email": ("host", "to")}
+# The longest text each service takes, and in what unit (reference notify-apis.md §3-§4).
+# report.text cuts the log tail from the top to fit; the title goes on top where a service has
+# no title field of its own.
+TEXT_LIMITS = {
+    "xxtui": (4000, "chars"),        # allbot: content ≤ 4000 characters [T]
+    "serverchan": (6000, "chars"),   # desp ≤ 32 KB: 6000 characters with doubled newlines stay
+                                     # under it even at 4 bytes a character
+    "pushplus": (20000, "chars"),    # no figure published; Apprise uses 20000
+    "bark": (3000, "bytes"),         # the APNs payload is ≤ 4 KB with the title and JSON around it
+    "feishu": (4000, "chars"),       # request body ≤ 20 KB: 4000 characters are ≤ 16 KB of UTF-8
+                                     # even at 4 bytes each, leaving room for the JSON and signature
+    "dingtalk": (4000, "chars"),     # no figure found: the same bound as its sibling Feishu
+    "wecom": (2048, "bytes"),        # text content ≤ 2048 bytes (official)
+    "ntfy": (4096, "bytes"),         # a longer message becomes an attachment
+    "slack": (35000, "chars"),       # Apprise's figure; Slack cuts text at 40000
+    "discord": (2000, "chars"),
+    "telegram": (4096, "chars"),
+    "pushover": (1024, "chars"),
+    "gotify": (20000, "chars"),      # none documented; [report] max_chars bounds it anyway
+    "webhook": (100000, "chars"),    # [report] max_chars bounds it
+    "email": (100000, "chars"),      # [report] max_chars bounds it
+}
+TITLE_LIMITS = {"xxtui": 100, "serverchan": 32, "pushplus": 200, "pushover": 250}
+# Error codes in a 2xx answer that a later retry can fix, for the services that document their
+# codes; any other code there is a lasting refusal (bad key, bad signature, keyword missing).
+# Services that document no codes get every 2xx that is not a success retried.
+TEMPORARY_CODES = {
+    "pushplus": (500,),              # 500 system error (api.pushplus.plus/doc-3034446)
+    "feishu": (11232,),              # frequency limit [T]
+    "dingtalk": (-1, 130101),        # system busy; "send too fast" (not in the reference)
+    "wecom": (-1, 45009),            # system busy; "api freq out of limit" (not in the reference)
+}
+SERVERCHAN_TURBO_URL = "https://sctapi.ftqq.com/{key}.send"          # SCT... keys
+SERVERCHAN3_URL = "https://{uid}.push.ft07.com/send/{key}.send"      # sctp{uid}t... keys
+# Webhook headers whose values are credentials (other header values are not secret: redacting
+# a value such as "hpcrun" would garble every report that mentions it).
+SECRET_HEADER_RE = re.compile(r"(?i)auth|token|key|secret|passw|cookie|sign")
+JSON_TYPE = "application/json; charset=utf-8"
+FORM_TYPE = "application/x-www-form-urlencoded"
 LEGACY_ENV = {("xxtui", "api_key"): "XXTUI_KEY"}
 LANGUAGES = ("zh", "en")
 
@@ -826,6 +971,8 @@ def env_layer(env, section):
 def read_keys_file(config_path, file_sections, env):
     """The secrets file: explicit keys_file must exist; the default one beside the config may not."""
     explicit = env.get(env_key("notify", "keys_file")) or file_sections.get("notify", {}).get("keys_file")
+    if explicit == DEFAULTS["notify"]["keys_file"]:
+        explicit = None  # config.ini.example spells the default out: it may still be missing
     base = os.path.dirname(os.path.abspath(config_path)) if config_path else os.getcwd()
     if not explicit and not config_path:
         return None, {}, []
@@ -911,12 +1058,56 @@ def parse_number(value, kind, config, section, key):
 
 
 def collect_secrets(config):
+    """Every secret value of every section, with its URL-quoted forms, to keep out of output."""
     secrets = set()
-    for values in config.sections.values():
+    for name, values in config.sections.items():
         for key, value in values.items():
-            if key in SECRET_KEYS and isinstance(value, str):
+            if is_secret_setting(name, key) and isinstance(value, str):
                 secrets |= secret_forms(value.strip())
+                secrets |= secret_header_values(key, value)
     return secrets
+
+
+def secret_header_values(key, value):
+    """The values of a webhook's credential headers (Authorization, X-Api-Key, ...), bare too."""
+    if key != "headers":
+        return set()
+    secrets = set()
+    for name, header in parse_headers(value, strict=False).items():
+        if SECRET_HEADER_RE.search(name):
+            secrets |= secret_forms(header) | secret_forms(header.split(None, 1)[-1])
+    return secrets
+
+
+def is_secret_setting(section, key):
+    return key in SECRET_KEYS or key in SECRET_KEYS_OF_TYPE.get(channel_type(section), ())
+
+
+def parse_headers(text, strict=True):
+    """HTTP headers from a JSON object or from `Name: value` lines; {} for nothing.
+
+    strict: raise ValueError on anything else (the sender); otherwise keep what parses."""
+    text = str(text or "").strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            if strict:
+                raise
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return {str(name): str(item) for name, item in value.items()}
+    headers = {}
+    for line in text.splitlines():
+        name, colon, value = line.partition(":")
+        if line.strip() and (not colon or not name.strip()):
+            if strict:
+                raise ValueError("'%s' is not 'Name: value'" % line.strip()[:40])
+            continue
+        if colon:
+            headers[name.strip()] = value.strip()
+    return headers
 
 
 def parse_list(text):
@@ -939,8 +1130,9 @@ def resolve_channels(config):
         for key in REQUIRED_KEYS.get(kind, ()):
             settings[key] = str(settings.get(key) or "").strip()
             if not settings[key]:
-                raise ConfigError("%s: [%s] %s is not set (put it in the keys file or %s)"
-                                  % (config.where(), name, key, env_key(name, key)))
+                place = "the keys file" if is_secret_setting(name, key) else "the config"
+                raise ConfigError("%s: [%s] %s is not set (put it in %s or %s)"
+                                  % (config.where(), name, key, place, env_key(name, key)))
         channels.append((name, kind, settings))
     return channels
 
@@ -1847,14 +2039,15 @@ def run_then(command, wrapper, record):
 # --- report: title and body from a record ---
 
 class Report(object):
-    """What a channel sends: a title, header lines that always survive, and a log tail."""
+    """What a channel sends: a title, header lines that always survive, a log tail, named fields."""
 
-    def __init__(self, title, header, tail, language, max_chars):
+    def __init__(self, title, header, tail, language, max_chars, fields=None):
         self.title = title
         self.header = header
         self.tail = tail
         self.language = language
         self.max_chars = max_chars
+        self.fields = fields or {}
 
     def text(self, limit, unit="chars"):
         """The body within a channel's limit and [report] max_chars: the tail is cut from the top."""
@@ -1995,7 +2188,9 @@ def build_report(record, config, work_dir):
     tail = [messages["tail_header"].format(n=len(tail))] + tail if tail else ([log_note] if log_note else [])
     secrets = config.secrets
     return Report(redact(title, secrets), [redact(line, secrets) for line in header],
-                  [redact(line, secrets) for line in tail], language, config.get("report", "max_chars"))
+                  [redact(line, secrets) for line in tail], language, config.get("report", "max_chars"),
+                  {key: redact(value, secrets) if isinstance(value, str) else value
+                   for key, value in fields.items()})
 
 
 def report_title(status, fields, messages, template):
@@ -2066,13 +2261,17 @@ def test_report(config, channel):
     body = messages["test_body"].format(channel=channel, host=socket.gethostname(),
                                         time=format_local_time(time.time()))
     return Report(messages["title_test"], [body], [], config.get("notify", "language"),
-                  config.get("report", "max_chars"))
+                  config.get("report", "max_chars"),
+                  {"name": "test", "status": "test", "host": socket.gethostname()})
 
 
 # --- channels: one small sender each, one shared HTTP helper ---
 
-def http_post_json(url, payload, timeout, secrets, headers=None):
-    """POST JSON; (status, body bytes) for any HTTP answer. No redirect is followed."""
+def http_request(url, data, settings, secrets, headers=None, method="POST"):
+    """Send one request; (status, body bytes, headers) for any HTTP answer. No redirect is followed.
+
+    Proxies come from the environment as urllib does; certificates are always checked, against
+    the system's authorities (and SSL_CERT_FILE) plus [notify] ca_file when set."""
     import http.client
     import urllib.error
     import urllib.request
@@ -2081,15 +2280,16 @@ def http_post_json(url, payload, timeout, secrets, headers=None):
         def redirect_request(self, req, fp, code, msg, hdrs, newurl):
             return None
 
-    data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    request = urllib.request.Request(url, data=data, method="POST")
-    request.add_header("Content-Type", "application/json; charset=utf-8")
-    request.add_header("User-Agent", USER_AGENT)
-    for key, value in (headers or {}).items():
-        request.add_header(key, value)
-    opener = urllib.request.build_opener(NoRedirect)
+    timeout = float(settings.get("timeout") or 10)
+    handlers = [NoRedirect]
+    if settings.get("ca_file"):
+        handlers.append(urllib.request.HTTPSHandler(context=tls_context(settings["ca_file"])))
     try:
-        with opener.open(request, timeout=timeout) as response:
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("User-Agent", USER_AGENT)
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
+        with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as response:
             return response.status, response.read(1 << 20), response.headers
     except urllib.error.HTTPError as error:
         try:
@@ -2106,13 +2306,39 @@ def http_post_json(url, payload, timeout, secrets, headers=None):
             ": %s" % error if str(error) else "")), secrets))
 
 
-def retry_after(headers):
-    """Seconds from a Retry-After header (delta form), or None."""
-    value = (headers or {}).get("Retry-After") if headers is not None else None
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
+def http_post_json(url, payload, settings, secrets, headers=None):
+    """POST a JSON object as UTF-8: Chinese travels as itself, not as \\u escapes."""
+    data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    headers = dict({"Content-Type": JSON_TYPE}, **(headers or {}))
+    return http_request(url, data, settings, secrets, headers)
+
+
+def tls_context(ca_file):
+    """The default context (system authorities, SSL_CERT_FILE) trusting ca_file's authorities too."""
+    import ssl
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise ChannelError("cannot read ca_file '%s': %s" % (ca_file, reason), retryable=False)
+    return context
+
+
+def retry_after(headers, answer=None):
+    """Seconds to wait from a Retry-After header (delta form) or the answer's retry_after, or None."""
+    values = [headers.get("Retry-After") if headers else None]
+    if answer:
+        parameters = answer.get("parameters")
+        values.append(parameters.get("retry_after") if isinstance(parameters, dict) else None)
+        values.append(answer.get("retry_after"))
+    for value in values:
+        try:
+            return max(0.0, float(value))
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def decode_json_body(body):
@@ -2123,7 +2349,7 @@ def decode_json_body(body):
     return value if isinstance(value, dict) else None
 
 
-def describe_answer(status, body, secrets):
+def describe_answer(status, body, secrets, code_field="code", text_fields=("msg", "message")):
     """'HTTP 500', with the service's code and message when its body has them."""
     parts = ["HTTP %d" % status]
     answer = decode_json_body(body)
@@ -2131,9 +2357,11 @@ def describe_answer(status, body, secrets):
         snippet = " ".join(body.decode("utf-8", errors="replace").split())[:120]
         parts.append("non-JSON answer" + (": %s" % snippet if snippet else ""))
     else:
-        if "code" in answer:
-            parts.append("code %s" % answer.get("code"))
-        message = answer.get("msg") or answer.get("message")
+        if code_field in answer:
+            parts.append("%s %s" % (code_field, answer.get(code_field)))
+        message = next((answer[field] for field in text_fields if answer.get(field)), None)
+        if isinstance(message, list):
+            message = "; ".join(str(item) for item in message)
         if message:
             parts.append(str(message)[:200])
     return redact(", ".join(parts), secrets)
@@ -2144,36 +2372,425 @@ def is_retryable(status):
     return not (300 <= status < 500) or status in (408, 429)
 
 
+def refusal(status, body, headers, secrets, code_field="code", text_fields=("msg", "message"),
+            temporary_codes=None):
+    """The ChannelError for an answer that is not a success, naming status, code and text.
+
+    temporary_codes: for a service that documents the codes of its 2xx answers, those a retry
+    can fix; None for a service that documents none (any 2xx that is not a success is retried)."""
+    answer = decode_json_body(body)
+    retryable = is_retryable(status)
+    if 200 <= status < 300 and temporary_codes is not None and answer is not None:
+        retryable = str(answer.get(code_field)) in [str(code) for code in temporary_codes]
+    return ChannelError(describe_answer(status, body, secrets, code_field, text_fields),
+                        retryable=retryable, retry_after=retry_after(headers, answer))
+
+
+def field_is(body, name, value):
+    """The JSON answer's field name equals value (a number given as a string counts)."""
+    answer = decode_json_body(body)
+    return answer is not None and str(answer.get(name)).strip() == str(value)
+
+
+def has_field(body, name):
+    answer = decode_json_body(body)
+    return answer is not None and answer.get(name) not in (None, "")
+
+
+def short_title(title, kind):
+    limit = TITLE_LIMITS.get(kind)
+    return title if not limit or len(title) <= limit else cut_to_size(title, limit, "chars")
+
+
+def titled_text(report, limit, unit):
+    """Title line and body within one limit, for services that have no title field."""
+    first = report.title + "\n"
+    used = len(first.encode("utf-8")) if unit == "bytes" else len(first)
+    return first + report.text(max(limit - used, 1), unit)
+
+
+def fill_template(url, key, value):
+    """url with {key} replaced by the URL-quoted value, or the value appended as a path segment."""
+    from urllib.parse import quote
+    placeholder = "{%s}" % key
+    if placeholder in url:
+        return url.replace(placeholder, quote(value, safe=""))
+    return url.rstrip("/") + "/" + quote(value, safe="")
+
+
+def is_2xx(status):
+    return 200 <= status < 300
+
+
 def send_console(settings, report, secrets=()):
     emit("%s\n%s" % (report.title, report.text(report.max_chars)))
 
 
 def send_xxtui(settings, report, secrets=()):
-    from urllib.parse import quote
-    key = settings["api_key"]
-    url = settings.get("url") or DEFAULTS["xxtui"]["url"]
-    url = url.replace("{key}", quote(key, safe="")) if "{key}" in url else \
-        url.rstrip("/") + "/" + quote(key, safe="")
-    payload = {"title": report.title[:100], "content": report.text(4000),
-               "from": settings.get("from") or "hpcrun"}
+    url = fill_template(settings.get("url") or DEFAULTS["xxtui"]["url"], "key", settings["api_key"])
+    payload = {"title": short_title(report.title, "xxtui"),
+               "content": report.text(*TEXT_LIMITS["xxtui"]), "from": settings.get("from") or "hpcrun"}
     if settings.get("channel"):
         payload["channel"] = settings["channel"]
-    status, body, headers = http_post_json(url, payload, float(settings.get("timeout") or 10), secrets)
+    status, body, headers = http_post_json(url, payload, settings, secrets)
+    if not (is_2xx(status) and field_is(body, "code", 0)):
+        raise refusal(status, body, headers, secrets)
+
+
+def serverchan_url(key, url=""):
+    """Server酱³ keys sctp{uid}t... go to {uid}.push.ft07.com, Turbo (SCT...) keys to sctapi."""
+    match = re.match(r"^sctp(\d+)t", key)
+    uid = match.group(1) if match else ""
+    if not url:
+        url = SERVERCHAN3_URL if uid else SERVERCHAN_TURBO_URL
+    return fill_template(url.replace("{uid}", uid), "key", key)
+
+
+def send_serverchan(settings, report, secrets=()):
+    # desp is Markdown: a single newline would run the log lines together
+    payload = {"title": short_title(report.title, "serverchan"),
+               "desp": report.text(*TEXT_LIMITS["serverchan"]).replace("\n", "\n\n")}
+    status, body, headers = http_post_json(serverchan_url(settings["key"], settings.get("url")),
+                                           payload, settings, secrets)
+    if not (is_2xx(status) and field_is(body, "code", 0)):
+        raise refusal(status, body, headers, secrets, "code", ("message", "info"))
+
+
+def send_pushplus(settings, report, secrets=()):
+    payload = {"token": settings["token"], "title": short_title(report.title, "pushplus"),
+               "content": report.text(*TEXT_LIMITS["pushplus"]),
+               "template": settings.get("template") or "txt"}
+    for key in ("channel", "topic"):
+        if settings.get(key):
+            payload[key] = settings[key]
+    status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
+    if not (is_2xx(status) and field_is(body, "code", 200)):
+        raise refusal(status, body, headers, secrets, temporary_codes=TEMPORARY_CODES["pushplus"])
+
+
+def send_bark(settings, report, secrets=()):
+    payload = {"device_key": settings["device_key"], "title": report.title,
+               "body": report.text(*TEXT_LIMITS["bark"])}
+    for key in ("group", "level", "sound"):
+        if settings.get(key):
+            payload[key] = settings[key]
+    url = settings["url"].rstrip("/") + "/push"
+    status, body, headers = http_post_json(url, payload, settings, secrets)
+    if not (is_2xx(status) and field_is(body, "code", 200)):
+        raise refusal(status, body, headers, secrets)
+
+
+def feishu_sign(secret, timestamp):
+    """Feishu/Lark: base64 of HMAC-SHA256 keyed with "timestamp\\nsecret" over an empty message."""
+    import base64
+    import hmac
+    key = ("%s\n%s" % (timestamp, secret)).encode("utf-8")
+    return base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode("ascii")
+
+
+def send_feishu(settings, report, secrets=(), now=time.time):
+    payload = {"msg_type": "text", "content": {"text": titled_text(report, *TEXT_LIMITS["feishu"])}}
+    if settings.get("secret"):
+        timestamp = str(int(now()))
+        payload.update(timestamp=timestamp, sign=feishu_sign(settings["secret"], timestamp))
+    url = fill_template(settings["url"], "token", settings["token"])
+    status, body, headers = http_post_json(url, payload, settings, secrets)
+    answer = decode_json_body(body) or {}
+    if not (is_2xx(status) and str(answer.get("code", answer.get("StatusCode"))) == "0"):
+        raise refusal(status, body, headers, secrets, temporary_codes=TEMPORARY_CODES["feishu"])
+
+
+def dingtalk_sign(secret, timestamp):
+    """DingTalk: base64 of HMAC-SHA256 keyed with the secret over "timestamp\\nsecret"."""
+    import base64
+    import hmac
+    message = ("%s\n%s" % (timestamp, secret)).encode("utf-8")
+    digest = hmac.new(secret.encode("utf-8"), message, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def dingtalk_url(settings, now=time.time):
+    """The robot URL with access_token, and timestamp (ms) and sign when a secret is set.
+
+    Built by hand so that the signature is URL-encoded exactly once."""
+    from urllib.parse import quote_plus
+    url = "%s%saccess_token=%s" % (settings["url"], "&" if "?" in settings["url"] else "?",
+                                  quote_plus(settings["access_token"]))
+    if settings.get("secret"):
+        timestamp = str(int(round(now() * 1000)))
+        sign = dingtalk_sign(settings["secret"], timestamp)
+        url += "&timestamp=%s&sign=%s" % (timestamp, quote_plus(sign))
+    return url
+
+
+def send_dingtalk(settings, report, secrets=(), now=time.time):
+    payload = {"msgtype": "text", "text": {"content": titled_text(report, *TEXT_LIMITS["dingtalk"])}}
+    status, body, headers = http_post_json(dingtalk_url(settings, now), payload, settings, secrets)
+    if not (is_2xx(status) and field_is(body, "errcode", 0)):
+        raise refusal(status, body, headers, secrets, "errcode", ("errmsg",),
+                      TEMPORARY_CODES["dingtalk"])
+
+
+def send_wecom(settings, report, secrets=()):
+    from urllib.parse import quote
+    url = "%s%skey=%s" % (settings["url"], "&" if "?" in settings["url"] else "?",
+                          quote(settings["key"], safe=""))
+    payload = {"msgtype": "text", "text": {"content": titled_text(report, *TEXT_LIMITS["wecom"])}}
+    status, body, headers = http_post_json(url, payload, settings, secrets)
+    if not (is_2xx(status) and field_is(body, "errcode", 0)):
+        raise refusal(status, body, headers, secrets, "errcode", ("errmsg",),
+                      TEMPORARY_CODES["wecom"])
+
+
+def ntfy_auth(settings):
+    """Authorization for a protected topic: a token, else user and password, else none."""
+    import base64
+    if settings.get("token"):
+        return {"Authorization": "Bearer " + settings["token"]}
+    if settings.get("user"):
+        pair = ("%s:%s" % (settings["user"], settings.get("password") or "")).encode("utf-8")
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+    return {}
+
+
+def send_ntfy(settings, report, secrets=()):
+    # JSON to the server root: the title travels in the body, where UTF-8 is fine (headers are latin-1)
+    payload = {"topic": settings["topic"], "title": report.title,
+               "message": report.text(*TEXT_LIMITS["ntfy"]),
+               "priority": int(settings.get("priority") or 3)}
+    if parse_list(settings.get("tags")):
+        payload["tags"] = parse_list(settings["tags"])
+    url = settings["url"].rstrip("/") + "/"
+    status, body, headers = http_post_json(url, payload, settings, secrets, ntfy_auth(settings))
+    if not (is_2xx(status) and has_field(body, "id")):
+        raise refusal(status, body, headers, secrets, "code", ("error",))
+
+
+def slack_escape(text):
+    """Slack reads <...> as links and mentions: a traceback's <module> must arrive as text."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def send_slack(settings, report, secrets=()):
+    payload = {"text": slack_escape(titled_text(report, *TEXT_LIMITS["slack"]))}
+    status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
+    if not (status == 200 and body.strip() == b"ok"):
+        raise refusal(status, body, headers, secrets)
+
+
+def send_discord(settings, report, secrets=()):
+    # allowed_mentions: an "@everyone" in the log must not ping the whole server
+    payload = {"content": titled_text(report, *TEXT_LIMITS["discord"]),
+               "allowed_mentions": {"parse": []}}
+    if settings.get("username"):
+        payload["username"] = settings["username"]
+    status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
+    if status not in (200, 204):
+        raise refusal(status, body, headers, secrets, "code", ("message",))
+
+
+def send_telegram(settings, report, secrets=()):
+    from urllib.parse import quote
+    chat_id = settings["chat_id"]
+    payload = {"chat_id": int(chat_id) if re.match(r"^-?\d+$", chat_id) else chat_id,
+               "text": titled_text(report, *TEXT_LIMITS["telegram"]), "disable_web_page_preview": True}
+    url = "%s/bot%s/sendMessage" % (settings["url"].rstrip("/"), quote(settings["token"], safe=":"))
+    status, body, headers = http_post_json(url, payload, settings, secrets)
     answer = decode_json_body(body)
-    if 200 <= status < 300 and answer is not None and str(answer.get("code")).strip() == "0":
-        return
-    raise ChannelError(describe_answer(status, body, secrets), retryable=is_retryable(status),
-                       retry_after=retry_after(headers))
+    if not (is_2xx(status) and answer is not None and answer.get("ok") is True):
+        raise refusal(status, body, headers, secrets, "error_code", ("description",))
+
+
+def send_pushover(settings, report, secrets=()):
+    from urllib.parse import urlencode
+    fields = [("token", settings["token"]), ("user", settings["user"]),
+              ("title", short_title(report.title, "pushover")),
+              ("message", report.text(*TEXT_LIMITS["pushover"]))]
+    fields += [(key, settings[key]) for key in ("priority", "sound", "device") if settings.get(key)]
+    data = urlencode(fields).encode("ascii")
+    status, body, headers = http_request(settings["url"], data, settings, secrets,
+                                         {"Content-Type": FORM_TYPE})
+    if not (is_2xx(status) and field_is(body, "status", 1)):
+        raise refusal(status, body, headers, secrets, "status", ("errors",))
+
+
+def send_gotify(settings, report, secrets=()):
+    payload = {"title": report.title, "message": report.text(*TEXT_LIMITS["gotify"]),
+               "priority": int(settings.get("priority") or 0)}
+    status, body, headers = http_post_json(settings["url"].rstrip("/") + "/message", payload, settings,
+                                           secrets, {"X-Gotify-Key": settings["token"]})
+    if not (is_2xx(status) and has_field(body, "id")):
+        raise refusal(status, body, headers, secrets, "errorCode", ("errorDescription", "error"))
+
+
+def fill_fields(value, fields):
+    """A template value with each {field} replaced; a string that is one {field} takes its value."""
+    if isinstance(value, dict):
+        return {key: fill_fields(item, fields) for key, item in value.items()}
+    if isinstance(value, list):
+        return [fill_fields(item, fields) for item in value]
+    if not isinstance(value, str):
+        return value
+    whole = re.match(r"^\{(\w+)\}$", value)
+    if whole and whole.group(1) in fields:
+        return fields[whole.group(1)]
+    return re.sub(r"\{(\w+)\}", lambda match: str(fields[match.group(1)])
+                  if match.group(1) in fields else match.group(0), value)
+
+
+def webhook_fields(report):
+    content = report.text(*TEXT_LIMITS["webhook"])
+    fields = {"host": socket.gethostname()}
+    fields.update(getattr(report, "fields", None) or {})
+    fields.update(title=report.title, content=content, text=report.title + "\n" + content)
+    return fields
+
+
+def webhook_request(settings, report):
+    """(url, body bytes or None, headers) of a webhook: the templates filled with the report."""
+    from urllib.parse import quote
+    fields = webhook_fields(report)
+    url = re.sub(r"\{(\w+)\}", lambda match: quote(str(fields[match.group(1)]), safe="")
+                 if match.group(1) in fields else match.group(0), settings["url"])
+    try:
+        headers = parse_headers(settings.get("headers"))
+        template = json.loads(settings.get("body") or "null")
+    except ValueError as error:
+        raise ChannelError("bad headers or body template: %s" % error, retryable=False)
+    if settings.get("method", "POST").upper() in ("GET", "HEAD", "DELETE") or template is None:
+        return url, None, headers
+    data = json.dumps(fill_fields(template, fields), ensure_ascii=False).encode("utf-8")
+    return url, data, dict({"Content-Type": JSON_TYPE}, **headers)
+
+
+def send_webhook(settings, report, secrets=()):
+    url, data, headers = webhook_request(settings, report)
+    method = (settings.get("method") or "POST").upper()
+    status, body, answer_headers = http_request(url, data, settings, secrets, headers, method)
+    if not is_2xx(status):
+        raise refusal(status, body, answer_headers, secrets)
+
+
+def smtp_security(settings):
+    """ssl (port 465), starttls, or none (only when asked for: it sends the password in clear)."""
+    security = str(settings.get("security") or "auto").strip().lower()
+    if security == "auto":
+        return "ssl" if int(settings.get("port") or 465) == 465 else "starttls"
+    if security not in ("ssl", "starttls", "none"):
+        raise ChannelError("[email] security: '%s' is not auto, ssl, starttls or none" % security,
+                           retryable=False)
+    return security
+
+
+def open_smtp(settings):
+    import smtplib
+    security = smtp_security(settings)
+    host, port = settings["host"], int(settings.get("port") or 465)
+    timeout = float(settings.get("timeout") or 10)
+    if security == "ssl":
+        context = tls_context(settings.get("ca_file"))
+        return smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+    smtp = smtplib.SMTP(host, port, timeout=timeout)
+    try:
+        if security == "starttls":
+            smtp.starttls(context=tls_context(settings.get("ca_file")))
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def email_message(report, sender, recipients):
+    from email.header import Header
+    from email.mime.text import MIMEText
+    from email.utils import formatdate, make_msgid
+    message = MIMEText(report.text(*TEXT_LIMITS["email"]), "plain", "utf-8")
+    message["Subject"] = Header(report.title, "utf-8")
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
+    message["Date"] = formatdate(localtime=True)
+    message["Message-ID"] = make_msgid("hpcrun", domain=sender.rpartition("@")[2] or "localhost")
+    return message
+
+
+def smtp_text(reply):
+    """An SMTP reply as text: UTF-8, else GB18030 (QQ Mail answers in GBK)."""
+    if not isinstance(reply, bytes):
+        return str(reply)
+    try:
+        return reply.decode("utf-8")
+    except UnicodeDecodeError:
+        return reply.decode("gb18030", errors="replace")
+
+
+def smtp_failure(error, timeout):
+    """A ChannelError for what smtplib or the network raised: 4xx replies and network trouble retry."""
+    import smtplib
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        codes = [(code, smtp_text(text), address)
+                 for address, (code, text) in sorted(error.recipients.items())]
+        return ChannelError("; ".join("SMTP %s %s (to %s)" % item for item in codes),
+                            retryable=all(400 <= code < 500 for code, _, _ in codes))
+    if isinstance(error, smtplib.SMTPResponseException):
+        return ChannelError("SMTP %s %s" % (error.smtp_code, smtp_text(error.smtp_error)),
+                            retryable=400 <= error.smtp_code < 500)
+    if isinstance(error, smtplib.SMTPServerDisconnected):
+        return ChannelError("SMTP server closed the connection: %s" % error)
+    if isinstance(error, smtplib.SMTPException):
+        return ChannelError("SMTP: %s" % error, retryable=False)
+    if isinstance(error, socket.timeout):
+        return ChannelError("no answer within %gs" % timeout)
+    return ChannelError("cannot connect: %s" % (getattr(error, "strerror", None) or error))
+
+
+def send_email(settings, report, secrets=()):
+    import smtplib
+    sender = settings.get("from") or settings.get("user")
+    recipients = parse_list(settings["to"])
+    if not sender:
+        raise ChannelError("[email] from is not set and there is no user to send as", retryable=False)
+    try:
+        with open_smtp(settings) as smtp:
+            if settings.get("user"):
+                smtp.login(settings["user"], settings.get("password") or "")
+            smtp.sendmail(sender, recipients, email_message(report, sender, recipients).as_string())
+    except (smtplib.SMTPException, OSError) as error:
+        failure = smtp_failure(error, float(settings.get("timeout") or 10))
+        raise ChannelError(redact(str(failure), secrets), failure.retryable)
 
 
 SENDERS = {
     "console": send_console,
     "xxtui": send_xxtui,
+    "serverchan": send_serverchan,
+    "pushplus": send_pushplus,
+    "bark": send_bark,
+    "feishu": send_feishu,
+    "dingtalk": send_dingtalk,
+    "wecom": send_wecom,
+    "ntfy": send_ntfy,
+    "slack": send_slack,
+    "discord": send_discord,
+    "telegram": send_telegram,
+    "pushover": send_pushover,
+    "gotify": send_gotify,
+    "webhook": send_webhook,
+    "email": send_email,
 }
+
+
+def ca_file_path(config):
+    """[notify] ca_file, relative to the config file's directory."""
+    value = str(config.get("notify", "ca_file") or "").strip()
+    if not value:
+        return ""
+    base = os.path.dirname(os.path.abspath(config.path)) if config.path else os.getcwd()
+    return os.path.join(base, os.path.expanduser(value))
 
 
 def send_report(name, kind, settings, report, config):
     """Send through one channel; ChannelError with the service's own words on failure."""
+    settings = dict(settings, ca_file=ca_file_path(config))
     try:
         SENDERS[kind](settings, report, config.secrets)
     except ChannelError as error:
