@@ -15,16 +15,12 @@ Python 3.6+, standard library only.
 """
 
 import argparse
-import configparser
 import errno
-import hashlib
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -240,7 +236,7 @@ SERVERCHAN_TURBO_URL = "https://sctapi.ftqq.com/{key}.send"          # SCT... ke
 SERVERCHAN3_URL = "https://{uid}.push.ft07.com/send/{key}.send"      # sctp{uid}t... keys
 # Webhook headers whose values are credentials (other header values are not secret: redacting
 # a value such as "hpcrun" would garble every report that mentions it).
-SECRET_HEADER_RE = re.compile(r"(?i)auth|token|key|secret|passw|cookie|sign")
+SECRET_HEADER_RE = r"(?i)auth|token|key|secret|passw|cookie|sign"
 JSON_TYPE = "application/json; charset=utf-8"
 FORM_TYPE = "application/x-www-form-urlencoded"
 LEGACY_ENV = {("xxtui", "api_key"): "XXTUI_KEY"}
@@ -251,8 +247,8 @@ WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
 CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL")
 DEFAULT_GRACE = 8.0          # seconds between SIGTERM and SIGKILL off Slurm (PBS Pro 10, LSF 10)
 TIME_LIMIT_SLACK = 60.0      # a SIGTERM this close to (or after) the job's end time is the time limit
-FORWARD_DELAY = 1.0
-PROVISIONAL_MARGIN = 30.0    # seconds a monitor on another host waits beyond the wrapper's grace          # seconds before a signal is forwarded to a training still alive
+FORWARD_DELAY = 1.0          # seconds before a signal is forwarded to a training still alive
+PROVISIONAL_MARGIN = 30.0    # seconds a monitor on another host waits beyond the wrapper's grace
 DRAIN_IDLE = 1.0             # after the training exits, stop relaying once its pipe is idle this long
 READ_CHUNK = 1 << 20
 RECENT_BYTES = 4096
@@ -276,11 +272,11 @@ SCHEDULER_CAUSES = {
     "TERM_ADMIN": "cancelled", "TERM_PREEMPT": "preempted",
 }
 
-RANK_PREFIX_RE = re.compile(r"^(?:\[[A-Za-z_]*\d+\]:\s?|\d+:\s|\[\d+,\d+\]<\w+>:\s?)")
+RANK_PREFIX_RE = r"^(?:\[[A-Za-z_]*\d+\]:\s?|\d+:\s|\[\d+,\d+\]<\w+>:\s?|[A-Za-z][\w-]*\d: )+"
 # The failure catalogue (reference hpc-facts §7): (cause, tier, pattern). Tier 1: the
 # scheduler's own words; 2: root causes; 3: secondary errors, used only when nothing else
 # matched. Within a tier the earliest line wins: later ranks repeat secondary errors.
-FAILURE_PATTERNS = [(cause, tier, re.compile(pattern)) for cause, tier, pattern in (
+FAILURE_PATTERNS = (
     ("time_limit", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT"),
     ("preempted", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO (?:PREEMPTION|JOB REQUEUE)"),
     ("node_fail", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO NODE FAIL"),
@@ -291,41 +287,44 @@ FAILURE_PATTERNS = [(cause, tier, re.compile(pattern)) for cause, tier, pattern 
     ("cancelled", 1, r"TERM_OWNER|TERM_ADMIN"),
     ("preempted", 1, r"TERM_PREEMPT"),
     ("cuda_oom", 2, r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|OutOfMemoryError"),
-    ("accelerator_oom", 2, r"OOM when allocating tensor|RESOURCE_EXHAUSTED: Out of memory"),
-    ("host_oom", 2, r"\bMemoryError\b|std::bad_alloc|DataLoader worker \(pid \d+\) is killed by signal: Killed"),
+    ("accelerator_oom", 2, r"OOM when allocating tensor|RESOURCE_EXHAUSTED: (?:Out of memory|Failed to allocate)|ResourceExhaustedError"),
+    ("host_oom", 2, r"(?:\b|_Array)MemoryError\b|std::bad_alloc|DataLoader worker \(pid \d+\) is killed by signal: Killed"),
     ("nan_loss", 2, r"(?i)\bloss\W{0,3}(?:is\s)?nan\b|returned nan values in its \d+\w* output"),
     ("disk_full", 2, r"No space left on device|Disk quota exceeded"),
     ("shm", 2, r"insufficient shared memory|\bBus error\b"),
     ("segfault", 2, r"Segmentation fault|segmentation fault encountered in worker"),
-    ("cpp_abort", 2, r"terminate called after throwing an instance of"),
+    ("cpp_abort", 2, r"terminate called after throwing an instance of '(?!c10::DistBackendError)"),
     ("cuda_error", 2, r"CUDA error: |device-side assert triggered|illegal memory access"),
-    ("nccl_error", 2, r"NCCL error in:|\bnccl(?:System|Internal|Remote|UnhandledCuda|InvalidUsage)Error\b|DistBackendError"),
+    ("nccl_error", 2, r"NCCL error in:|\bnccl(?:System|Internal|Remote|UnhandledCuda|InvalidUsage)Error\b|(?<!instance of 'c10::)DistBackendError"),
     ("fs_error", 2, r"Stale file handle"),
-    ("exception", 2, r"^(?:[A-Za-z_][\w]*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Failure)\b(?::.*)?$"),
+    ("exception", 2, r"^(?!.*ChildFailedError)(?:[A-Za-z_][\w]*\.)*_?[A-Z]\w*(?:Error|Exception|Interrupt|Failure)\b(?::.*)?$"),
     ("nccl_timeout", 3, r"Watchdog caught collective operation timeout|NCCL (?:communicator|operation) .*timed? ?out"),
     ("child_failed", 3, r"ChildFailedError|Root Cause \(first observed failure\)"),
-    ("killed", 3, r"\bKilled\b|Signal \d+ \(SIGKILL\) received"),
-)]
-TRACEBACK_RE = re.compile(r"^Traceback \(most recent call last\):")
+    ("killed", 2, r"Signal 9 \(SIGKILL\) received by PID"),
+    ("killed", 3, r"\bKilled\b"),
+)
+TRACEBACK_RE = r"Traceback \(most recent call last\):\s*$"
 PROGRESS_PATTERNS = (
-    ("epoch", re.compile(r"(?i)\bepoch\b\s*[:=]?\s*\[?\s*(\d+)(?:\s*(?:/|of)\s*(\d+))?")),
-    ("bar", re.compile(r"(\d{1,3})%\|[^|\n]*\|\s*(\d+(?:\.\d+)?[kMG]?)/(\d+(?:\.\d+)?[kMG]?)")),
-    ("step", re.compile(r"(?i)\b(?:global[_ ])?(?:step|iter(?:ation)?)s?\b\s*[:=]?\s*\[?\s*(\d+)(?:\s*(?:/|of)\s*(\d+))?")),
+    ("batch", r"(?i)\bepoch\W{0,3}\[\s*(\d+)\]\s*\[\s*(\d+)\s*/\s*(\d+)\]"),
+    ("epoch", r"(?i)\bepoch\b\s*[:=]?\s*\[?\s*(\d+)(?:\s*(?:/|of)\s*(\d+))?"),
+    ("bar", r"(\d{1,3})%\|[^|\n]*\|\s*(\d+(?:\.\d+)?[kMG]?)/(\d+(?:\.\d+)?[kMG]?)"),
+    ("step", r"(?i)(?<!\*\*\* )\b(?:global[_ ])?(?:step|iter(?:ation)?)s?\b\s*[:=]?\s*\[?\s*(\d+)(?:\s*(?:/|of)\s*(\d+))?"),
 )
 SECRET_PATTERNS = (
-    re.compile(r"(?i)(\b(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|token|passw(?:or)?d|passwd|pwd)"
-               r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&]+)"),
-    re.compile(r"(?i)(\bauthorization\s*[:=]\s*(?:bearer|basic|token)?\s*)(\S+)"),
-    re.compile(r"(\b[a-z][\w+.-]*://[^/\s:@]+:)([^@\s/]+)(?=@)"),
-    re.compile(r"()\b(sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|hf_[A-Za-z0-9]{20,}"
-               r"|xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16}|tk_[a-z0-9]{20,})\b"),
+    r"(?i)((?<![a-z0-9])(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|token|passw(?:or)?d|passwd|pwd)"
+    r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&]+)",
+    r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:bearer|basic|token)?\s*)([^\s\"']+)",
+    r"(?i)(--?[\w-]*(?:api[_-]?key|token|secret|passw(?:or)?d)[ =])(\S+)",
+    r"(\b[a-z][\w+.-]*://[^/\s:@]+:)([^@\s/]+)(?=@)",
+    r"()\b(sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|hf_[A-Za-z0-9]{20,}"
+    r"|xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16}|tk_[a-z0-9]{20,})\b",
 )
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 METRIC_POINTS = 256          # values kept over a whole run (thinned evenly as it grows)
 SAMPLE_INTERVAL = 1.0        # seconds between two looks at the output for metrics and progress
-HIGHER_IS_BETTER_RE = re.compile(r"(?i)acc|f1|auc|bleu|rouge|score|precision|recall|map|iou|reward")
-CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+HIGHER_IS_BETTER_RE = r"(?i)acc|f1|auc|bleu|rouge|score|precision|recall|map|iou|reward"
+CONTROL_RE = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+ANSI_RE = r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]"
 
 MESSAGES = {
     "zh": {
@@ -382,7 +381,6 @@ MESSAGES = {
         "cause_exception": "Python 异常",
         "cause_child_failed": "torchrun 子进程失败",
         "cause_killed": "被杀死（常见原因：内存不足）",
-        "cause_crash": "程序崩溃",
         "label_time_limit": "超时",
         "label_oom": "内存不足",
         "label_host_oom": "内存不足",
@@ -492,7 +490,6 @@ MESSAGES = {
         "cause_exception": "Python exception",
         "cause_child_failed": "a torchrun worker failed",
         "cause_killed": "killed (often: out of memory)",
-        "cause_crash": "crash",
         "label_time_limit": "time limit",
         "label_oom": "OOM",
         "label_host_oom": "host OOM",
@@ -573,6 +570,16 @@ class ChannelError(HpcrunError):
 
 # --- pure helpers: formatting, parsing, tail reading, log cleaning ---
 
+def host_name():
+    """This machine's name (what socket.gethostname() says, without importing socket)."""
+    return os.uname()[1]
+
+
+def find_program(name):
+    import shutil
+    return shutil.which(name)
+
+
 def emit(text, stream=None):
     """Write a line as UTF-8 whatever the locale (LANG=C on Python 3.6 would refuse Chinese)."""
     stream = stream or sys.stdout
@@ -588,13 +595,14 @@ def emit(text, stream=None):
 
 
 def format_duration(seconds):
-    """Compact duration: 42s, 5m03s, 3h12m, 2d04h."""
+    """Compact duration: 42s, 5m03s, 3h12m, 24h00m (time limits read in hours), 5d04h."""
     seconds = int(max(0, round(seconds or 0)))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    if days:
+    if days >= 4:
         return "%dd%02dh" % (days, hours)
+    hours += 24 * days
     if hours:
         return "%dh%02dm" % (hours, minutes)
     if minutes:
@@ -655,7 +663,7 @@ def signal_number(name):
 
 def clean_log_text(text):
     """One log line per element: ANSI codes and control bytes removed, \\r redraws collapsed."""
-    text = CONTROL_RE.sub("", ANSI_RE.sub("", text.replace("\r\n", "\n")))
+    text = re.sub(CONTROL_RE, "", re.sub(ANSI_RE, "", text.replace("\r\n", "\n")))
     lines = []
     for line in text.split("\n"):
         if "\r" in line:
@@ -683,23 +691,24 @@ def read_tail(path, line_count, max_bytes=TAIL_MAX_BYTES):
             data = stream.read(step) + data
             if data.count(b"\n") > line_count:
                 break
+    if position > 0:
+        cut = [i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0]
+        data = data[min(cut) + 1:] if cut else b""   # the first (partial) segment is cut
     text = data.decode("utf-8", errors="replace")
     lines = clean_log_text(text)
-    if position > 0 and lines:
-        lines = lines[1:]  # the first line is cut
     while lines and not lines[-1]:
         lines.pop()
     return lines[-line_count:]
 
 
 def strip_rank(line):
-    return RANK_PREFIX_RE.sub("", line, count=1)
+    return re.sub(RANK_PREFIX_RE, "", line, count=1)
 
 
 def mask_secrets(line):
     """Lines that look like they hold a token, key or password, with the value masked."""
     for pattern in SECRET_PATTERNS:
-        line = pattern.sub(lambda match: match.group(1) + "***", line)
+        line = re.sub(pattern, lambda match: match.group(1) + "***", line)
     return line
 
 
@@ -707,12 +716,13 @@ def classify_log(lines):
     """(cause, line) of the likeliest root cause in a log tail, or (None, None)."""
     best = None
     in_traceback = False
+    patterns = [(cause, tier, re.compile(pattern)) for cause, tier, pattern in FAILURE_PATTERNS]
     for index, raw in enumerate(lines):
         line = strip_rank(raw).strip()
-        if TRACEBACK_RE.match(line):
+        if re.search(TRACEBACK_RE, line):
             in_traceback = True
             continue
-        for cause, tier, pattern in FAILURE_PATTERNS:
+        for cause, tier, pattern in patterns:
             if cause == "exception" and (not in_traceback or raw.startswith((" ", "\t"))):
                 continue
             if pattern.search(line):
@@ -737,13 +747,27 @@ def parse_progress(lines):
     for line in reversed(lines):
         line = strip_rank(line)
         for kind, pattern in PROGRESS_PATTERNS:
+            matches = list(re.finditer(pattern, line))
+            if kind == "epoch":
+                if matches and "epoch" not in found:
+                    found["epoch"] = matches[-1]
+                with_total = [m for m in matches if m.group(2)]
+                if with_total and "epoch_total" not in found:
+                    found["epoch_total"] = with_total[-1]
+                continue
             if kind in found:
                 continue
-            matches = list(pattern.finditer(line))
             if matches:
                 found[kind] = matches[-1]
-        if "epoch" in found and ("bar" in found or "step" in found):
+        if "batch" in found and "epoch" not in found:
             break
+        if "epoch_total" in found and ("bar" in found or "step" in found):
+            break
+    if "batch" in found and "epoch_total" not in found:
+        match = found["batch"]
+        return "epoch %s · step %s/%s" % match.groups()
+    if "epoch_total" in found:
+        found["epoch"] = found["epoch_total"]
     parts = []
     if "epoch" in found:
         match = found["epoch"]
@@ -797,7 +821,7 @@ def format_metric_trend(name, values):
     if not values:
         return None
     finite = [v for v in values if v == v and abs(v) != float("inf")]
-    best = (max if HIGHER_IS_BETTER_RE.search(name) else min)(finite) if finite else None
+    best = (max if re.search(HIGHER_IS_BETTER_RE, name) else min)(finite) if finite else None
     text = "%s %s → %s" % (name, format_number(values[0]), format_number(values[-1]))
     if best is not None and len(values) > 1:
         text += " (best %s)" % format_number(best)
@@ -819,25 +843,47 @@ class MetricSampler(object):
         self.progress = None
         self.clock = clock
         self.next_look = 0.0
+        self.pending = b""
+        self.provisional = False
+        self.progress_lines = {}
 
     def feed(self, chunk):
         now = self.clock()
         if now < self.next_look:
+            self.pending = chunk  # a reference, not a copy: the relay's hot path stays cheap
             return
         self.next_look = now + SAMPLE_INTERVAL
-        window = chunk[-65536:]
+        self.pending = b""
+        self.look(chunk[-65536:])
+
+    def flush(self):
+        """Look at the output that came after the last look (the run's end: a final nan)."""
+        if self.pending:
+            self.look(self.pending[-65536:])
+            self.pending = b""
+
+    def look(self, window):
         matches = self.pattern.findall(window)
         if matches:
             self.add(float(matches[-1].decode("ascii")))
-        progress = parse_progress(clean_log_text(window[-8192:].decode("utf-8", errors="replace"))[-20:])
+        for line in clean_log_text(window[-8192:].decode("utf-8", errors="replace"))[-20:]:
+            for kind, pattern in PROGRESS_PATTERNS:
+                if re.search(pattern, strip_rank(line)):
+                    self.progress_lines.pop(kind, None)
+                    self.progress_lines[kind] = line
+        progress = parse_progress(list(self.progress_lines.values()))
         if progress:
             self.progress = progress
 
     def add(self, value):
         self.seen += 1
-        if (self.seen - 1) % self.stride:
-            return
+        if self.provisional:
+            self.values.pop()
+            self.provisional = False
         self.values.append(value)
+        if (self.seen - 1) % self.stride:
+            self.provisional = True
+            return
         if len(self.values) >= METRIC_POINTS:
             self.values = self.values[::2]
             self.stride *= 2
@@ -857,14 +903,17 @@ def fit_text(header, tail, limit, unit, messages):
     head = "\n".join(header)
     if size(head) > limit:
         return cut_to_size(head, limit, unit)
-    kept = list(tail)
-    while kept:
-        marker = [messages["tail_cut"].format(n=len(tail) - len(kept))] if len(kept) < len(tail) else []
-        text = "\n".join(header + [""] + marker + kept)
-        if size(text) <= limit:
-            return text
+    text = "\n".join(header + [""] + list(tail))
+    if size(text) <= limit:
+        return text
+    lines = list(tail[1:])
+    kept = list(lines)
+    while True:
+        marker = messages["tail_cut"].format(n=len(lines) - len(kept))
+        text = "\n".join(header + ["", marker] + kept)
+        if size(text) <= limit or not kept:
+            return text if size(text) <= limit else head
         kept.pop(0)
-    return head
 
 
 def cut_to_size(text, limit, unit):
@@ -910,6 +959,7 @@ def find_config_path(flag, env, script_dir):
 
 
 def read_ini(path, what):
+    import configparser
     parser = configparser.ConfigParser(interpolation=None, strict=False)
     try:
         with open(path, encoding="utf-8") as stream:
@@ -973,9 +1023,9 @@ def read_keys_file(config_path, file_sections, env):
     explicit = env.get(env_key("notify", "keys_file")) or file_sections.get("notify", {}).get("keys_file")
     if explicit == DEFAULTS["notify"]["keys_file"]:
         explicit = None  # config.ini.example spells the default out: it may still be missing
-    base = os.path.dirname(os.path.abspath(config_path)) if config_path else os.getcwd()
-    if not explicit and not config_path:
-        return None, {}, []
+    home = env.get("HOME") or os.path.expanduser("~")
+    base = os.path.dirname(os.path.abspath(config_path)) if config_path else \
+        os.path.join(home, ".config", "hpcrun")
     keys_path = os.path.join(base, os.path.expanduser(explicit or DEFAULTS["notify"]["keys_file"]))
     if not explicit and not os.path.exists(keys_path):
         return None, {}, []
@@ -1074,7 +1124,7 @@ def secret_header_values(key, value):
         return set()
     secrets = set()
     for name, header in parse_headers(value, strict=False).items():
-        if SECRET_HEADER_RE.search(name):
+        if re.search(SECRET_HEADER_RE, name):
             secrets |= secret_forms(header) | secret_forms(header.split(None, 1)[-1])
     return secrets
 
@@ -1326,6 +1376,7 @@ def hpcrun_home(env=None):
 
 
 def registry_entry(work_dir, env=None):
+    import hashlib
     digest = hashlib.sha1(os.path.abspath(work_dir).encode("utf-8")).hexdigest()[:16]
     return os.path.join(hpcrun_home(env), "registry", digest + ".json")
 
@@ -1335,7 +1386,7 @@ def register_work_dir(work_dir, now, env=None):
     path = registry_entry(work_dir, env)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json_atomic(path, {"work_dir": os.path.abspath(work_dir), "registered": now,
-                             "host": socket.gethostname()})
+                             "host": host_name()})
 
 
 def registered_work_dirs(env=None):
@@ -1365,7 +1416,7 @@ def has_work(work_dir):
 
 def run_quietly(argv, runner=subprocess.run):
     """stdout of a scheduler command, or None when it is missing, fails or hangs."""
-    if not shutil.which(argv[0]):
+    if not find_program(argv[0]):
         return None
     try:
         result = runner(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -1513,7 +1564,7 @@ def open_new_log(log_dir, now, job):
 def child_argv(command, program):
     if program:
         return list(program)
-    shell = shutil.which("bash") or "/bin/sh"
+    shell = find_program("bash") or "/bin/sh"
     return [shell, "-c", command]
 
 
@@ -1565,6 +1616,7 @@ class Relay(threading.Thread):
             self.write_out(chunk)
             self.write_log(chunk)
             self.sampler.feed(chunk)
+        self.sampler.flush()
 
     def write_out(self, chunk):
         if self.out_fd is None:
@@ -1703,7 +1755,7 @@ class Wrapper(object):
         self.env = env
         self.now = now
         self.work_dir = os.path.abspath(args.work_dir)
-        self.host = socket.gethostname()
+        self.host = host_name()
         self.job = detect_job(env)
         self.start_time = now()
         self.run_id = new_run_id(self.start_time, self.host)
@@ -1751,15 +1803,12 @@ class Wrapper(object):
                 env=child_env(self.env, self.run_id, self.log_path), stdin=stdin,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as error:
-            message = "cannot start '%s': %s" % (self.command, error.strerror)
-            self.finish_without_child(message)
-            failure = HpcrunError(message)
-            failure.exit_code = 127
-            raise failure
+            return self.finish_without_child("cannot start '%s': %s" % (self.command, error.strerror))
         enlarge_pipe(self.child.stdout.fileno())
         self.relay = Relay(self.child.stdout.fileno(), self.log_fd, sys.stdout.fileno(), self.sampler)
         self.relay.start()
         threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
+        return None
 
     def running_record(self):
         record = self.base_record()
@@ -1889,6 +1938,8 @@ class Wrapper(object):
         record.update(status="failed", exit_code=127, cause="start_failed", log_error=reason)
         write_json_atomic(self.paths("done"), record)
         remove_quietly(self.paths("running"))
+        os.close(self.log_fd)
+        return record
 
 
 def signal_warning(name, now, end_time):
@@ -2000,12 +2051,12 @@ def wrap_training(args, config, env):
         wrapper.grace = slurm_grace(DEFAULT_GRACE)
     previous = install_signal_handlers(wrapper.on_signal)
     try:
-        wrapper.start()
-        returncode = wrapper.wait()
-        record = wrapper.finish(returncode)
+        record = wrapper.start() or wrapper.finish(wrapper.wait())
     finally:
         restore_signal_handlers(previous)
-    if record.get("log_error"):
+    if record.get("cause") == "start_failed":
+        emit("hpcrun: error: %s" % record["log_error"], sys.stderr)
+    elif record.get("log_error"):
         print_warning(record["log_error"])
     return wrapper, record
 
@@ -2051,14 +2102,18 @@ class Report(object):
 
     def text(self, limit, unit="chars"):
         """The body within a channel's limit and [report] max_chars: the tail is cut from the top."""
-        limit = min(limit, self.max_chars) if unit == "chars" else limit
-        return fit_text(self.header, self.tail, limit, unit, MESSAGES[self.language])
+        if unit == "chars":
+            return fit_text(self.header, self.tail, min(limit, self.max_chars), unit, MESSAGES[self.language])
+        text = fit_text(self.header, self.tail, limit, unit, MESSAGES[self.language])
+        if len(text) > self.max_chars:
+            text = fit_text(self.header, self.tail, self.max_chars, "chars", MESSAGES[self.language])
+        return text
 
 
 TRUSTED_CAUSES = ("time_limit", "oom", "cancelled", "preempted", "interrupted", "node_fail",
                   "cpu_limit", "start_failed")
 CLASSIFY_LINES = 2000        # log lines looked at for the cause, from a tail of at most 1 MiB
-TEMPLATE_FIELDS = ("name", "status", "cause", "duration", "exit_code", "signal", "host", "job_id",
+TEMPLATE_FIELDS = ("name", "status", "cause", "label", "duration", "exit_code", "signal", "host", "job_id",
                    "progress", "metric", "work_dir", "log_file", "command", "start", "end", "run_id",
                    "peak_memory", "gpus")
 
@@ -2103,6 +2158,10 @@ def resolve_cause(record, lines):
     recorded = record.get("cause")
     if record.get("status") not in ("failed", "killed", "terminated", "lost"):
         return None, None
+    if recorded == "cancelled":  # the scheduler's output file may say why: preemption, time limit
+        cause, line = classify_log(scheduler_output_lines(record))
+        if cause in ("preempted", "time_limit", "node_fail"):
+            return cause, line
     if recorded in TRUSTED_CAUSES:
         return recorded, None
     cause, line = classify_log(scheduler_output_lines(record) + lines)
@@ -2179,10 +2238,11 @@ def build_report(record, config, work_dir):
     status = record.get("status") if record.get("status") in STATUSES + EVENT_STATUSES else "unknown"
     lines, log_note = read_log_lines(record, work_dir, messages)
     fields = report_fields(record, lines, messages)
-    title = report_title(status, fields, messages, config.get("report", "title_template"))
+    title = fill_report_template(config, "title_template", fields) or report_title(status, fields, messages)
     if record.get("test"):
         title = messages["test_prefix"] + title
-    header = report_header(record, messages, status, fields, config.get("report", "header_template"))
+    header = fill_report_template(config, "header_template", fields)
+    header = header.splitlines() if header else report_header(record, messages, status, fields)
     line_count = config.get("report", "include_last_n_lines")
     tail = lines[-line_count:] if line_count else []
     tail = [messages["tail_header"].format(n=len(tail))] + tail if tail else ([log_note] if log_note else [])
@@ -2193,10 +2253,21 @@ def build_report(record, config, work_dir):
                    for key, value in fields.items()})
 
 
-def report_title(status, fields, messages, template):
+def fill_report_template(config, key, fields):
+    """A [report] template filled with the report's fields; None when unset or when a field's
+    format does not fit its value (the built-in layout is used then, and says why)."""
+    template = config.get("report", key)
+    if not template:
+        return None
+    try:
+        return template.replace("\\n", "\n").format(**fields)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        fields["note"] = "[report] %s: %s" % (key, error)
+        return None
+
+
+def report_title(status, fields, messages):
     """✅ 训练完成 resnet50 · 3h12m, ❌ 训练失败 resnet50 · CUDA OOM · exit 1, ⏰ 超时被终止 ..."""
-    if template:
-        return template.format(**fields)
     if status in STATUSES and fields["cause"] == "time_limit":
         return messages["title_time_limit"].format(**fields) + " · " + fields["duration"]
     title = messages["title_" + status].format(**fields)
@@ -2211,10 +2282,8 @@ def report_title(status, fields, messages, template):
     return " · ".join([title] + [extra for extra in extras if extra])
 
 
-def report_header(record, messages, status, fields, template):
+def report_header(record, messages, status, fields):
     """The lines that always survive: the cause first, then what happened, to what, where."""
-    if template:
-        return template.replace("\\n", "\n").format(**fields).splitlines()
     job = record.get("job") if isinstance(record.get("job"), dict) else None
     cause = fields["cause"]
     cause_text = messages.get("cause_" + cause, cause) if cause else None
@@ -2250,7 +2319,8 @@ def report_header(record, messages, status, fields, template):
         header.append(messages["provisional"])
     if status in STATUSES and job and job.get("outlives") and job.get("release"):
         header.append(messages["outlives"].format(release=job["release"]))
-    for note in (record.get("log_error"), record.get("note")):
+    warnings = record.get("warnings") if isinstance(record.get("warnings"), list) else []
+    for note in [record.get("log_error"), record.get("note"), fields.get("note")] + warnings:
         if note:
             header.append(str(note))
     return header
@@ -2258,11 +2328,11 @@ def report_header(record, messages, status, fields, template):
 
 def test_report(config, channel):
     messages = MESSAGES[config.get("notify", "language")]
-    body = messages["test_body"].format(channel=channel, host=socket.gethostname(),
+    body = messages["test_body"].format(channel=channel, host=host_name(),
                                         time=format_local_time(time.time()))
     return Report(messages["title_test"], [body], [], config.get("notify", "language"),
                   config.get("report", "max_chars"),
-                  {"name": "test", "status": "test", "host": socket.gethostname()})
+                  {"name": "test", "status": "test", "host": host_name()})
 
 
 # --- channels: one small sender each, one shared HTTP helper ---
@@ -2273,6 +2343,7 @@ def http_request(url, data, settings, secrets, headers=None, method="POST"):
     Proxies come from the environment as urllib does; certificates are always checked, against
     the system's authorities (and SSL_CERT_FILE) plus [notify] ca_file when set."""
     import http.client
+    import socket
     import urllib.error
     import urllib.request
 
@@ -2483,6 +2554,7 @@ def send_bark(settings, report, secrets=()):
 def feishu_sign(secret, timestamp):
     """Feishu/Lark: base64 of HMAC-SHA256 keyed with "timestamp\\nsecret" over an empty message."""
     import base64
+    import hashlib
     import hmac
     key = ("%s\n%s" % (timestamp, secret)).encode("utf-8")
     return base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode("ascii")
@@ -2503,6 +2575,7 @@ def send_feishu(settings, report, secrets=(), now=time.time):
 def dingtalk_sign(secret, timestamp):
     """DingTalk: base64 of HMAC-SHA256 keyed with the secret over "timestamp\\nsecret"."""
     import base64
+    import hashlib
     import hmac
     message = ("%s\n%s" % (timestamp, secret)).encode("utf-8")
     digest = hmac.new(secret.encode("utf-8"), message, hashlib.sha256).digest()
@@ -2640,7 +2713,7 @@ def fill_fields(value, fields):
 
 def webhook_fields(report):
     content = report.text(*TEXT_LIMITS["webhook"])
-    fields = {"host": socket.gethostname()}
+    fields = {"host": host_name()}
     fields.update(getattr(report, "fields", None) or {})
     fields.update(title=report.title, content=content, text=report.title + "\n" + content)
     return fields
@@ -2726,6 +2799,7 @@ def smtp_text(reply):
 def smtp_failure(error, timeout):
     """A ChannelError for what smtplib or the network raised: 4xx replies and network trouble retry."""
     import smtplib
+    import socket
     if isinstance(error, smtplib.SMTPRecipientsRefused):
         codes = [(code, smtp_text(text), address)
                  for address, (code, text) in sorted(error.recipients.items())]
@@ -2928,7 +3002,7 @@ class Monitor(object):
         self.now = now
         self.clock = clock
         self.scheduler = scheduler
-        self.host = socket.gethostname()
+        self.host = host_name()
         self.pid = os.getpid()
         self.watches = {}            # run_id -> what this monitor saw of its heartbeat, when
         self.persist_watches = False  # --once: keep them on disk between runs
@@ -3153,7 +3227,8 @@ class Monitor(object):
 
     def announce(self, work_dir, run_id, running):
         """The start and time-limit-warning events, each once per run."""
-        if "start" in self.events and create_marker(self.marker(work_dir, run_id, "start"), {}):
+        if "start" in self.events and create_marker(self.marker(work_dir, run_id, "start"), {}) \
+                and not self.ended(work_dir, run_id):
             self.emit_event(work_dir, event_record(running, "start"), "started: %s" % describe_run(running))
         end_time = (running.get("job") or {}).get("end_time") if isinstance(running.get("job"), dict) else None
         if not end_time or "time_limit_warning" not in self.events:
@@ -3168,7 +3243,7 @@ class Monitor(object):
         """After a run of a scheduler job ends, watch whether its job (and the bill) goes on."""
         job = record.get("job") if isinstance(record.get("job"), dict) else None
         if not job or "release_reminder" not in self.events or not job.get("release") or \
-                not shutil.which(SCHEDULER_CLIENTS.get(job.get("scheduler"), "")):
+                not find_program(SCHEDULER_CLIENTS.get(job.get("scheduler"), "")):
             return
         first = min(60.0, self.config.get("monitor", "reminder_interval"))
         reminder = {"run_id": record["run_id"], "name": record.get("name"), "job": job,
@@ -3313,6 +3388,10 @@ class Monitor(object):
             for suffix in (".json", ".lost", ".recovered", ".stalled", ".start", ".time_limit_warning"):
                 remove_quietly(os.path.join(state_dir(work_dir, "running"), run_id + suffix))
             self.schedule_reminder(work_dir, record)
+        if record.get("status") == "lost" and record.get("base_run_id"):
+            # reported once (the .lost marker stays): stop watching; a heartbeat that comes
+            # back rewrites the running record and is reported as recovered
+            remove_quietly(os.path.join(state_dir(work_dir, "running"), record["base_run_id"] + ".json"))
         if sent:
             self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
         else:
@@ -3528,8 +3607,19 @@ def wrap_overrides(args):
     return {"wrap": {"log_dir": args.log_dir}} if args.log_dir else {}
 
 
+def wrap_config(args):
+    """wrap runs the training whatever the notify settings say; only [wrap]'s own keys must be right."""
+    try:
+        return config_for(args, wrap_overrides(args))
+    except ConfigError as error:
+        if "[wrap]" in str(error) or "cannot read config" in str(error):
+            raise
+        print_warning("%s (ignored by wrap, which uses the defaults; the monitor will refuse it)" % error)
+        return load_config(os.devnull, wrap_overrides(args), env={})
+
+
 def cmd_wrap(args):
-    config = config_for(args, wrap_overrides(args))
+    config = wrap_config(args)
     wrapper, record = wrap_training(args, config, os.environ)
     if args.selftest:
         print_selftest_checks(wrapper, record)
@@ -3670,7 +3760,7 @@ def selftest_config(args, state):
 
 def selftest_work_dir(args, state):
     state["work_dir"] = os.path.abspath(args.work_dir or os.path.join(
-        hpcrun_home(), "selftest", socket.gethostname()))
+        hpcrun_home(), "selftest", host_name()))
     try:
         os.makedirs(state["work_dir"], exist_ok=True)
         make_state_dirs(state["work_dir"])
@@ -3708,7 +3798,7 @@ def selftest_push(args, state):
         if state["monitor"].handle(state["work_dir"], run_id, claimed) != "delivered":
             failed = [line for line in state["errors"] if line.startswith("push failed")]
             raise failure_with_fix("; ".join(failed) or "the push failed",
-                                   "check the channel's key and url (keys file, HPCRUN_<CHANNEL>_API_KEY); "
+                                   "check the channel's key, token and url (keys file, or HPCRUN_<SECTION>_<KEY>); "
                                    "'python3 hpcrun.py notify --test' retries just the push")
     return "delivered via %s" % ", ".join(name for name, _, _ in state["channels"])
 
@@ -3732,6 +3822,7 @@ def selftest_cleanup(state):
 
 
 def cmd_version(args):
+    import hashlib
     with open(os.path.abspath(__file__), "rb") as stream:
         digest = hashlib.sha256(stream.read()).hexdigest()[:12]
     emit("hpcrun %s (sha256 %s)" % (__version__, digest))
@@ -3793,7 +3884,7 @@ def parse_args(argv):
         args.func = cmd_version
         return args
     if not getattr(args, "func", None):
-        parser.error("a command is required (wrap, monitor, run, status, notify)")
+        parser.error("a command is required (wrap, monitor, run, status, selftest, notify)")
     if args.func in (cmd_wrap, cmd_run):
         program = args.program[1:] if args.program[:1] == ["--"] else args.program
         if args.selftest and not args.command and not program:

@@ -105,8 +105,8 @@ cmd_monitor() {
   pid=$!
   echo "$pid" >"$PID_FILE"
   # Wait until it has logged its start (config read, channels checked) or died.
-  for _ in $(seq 50); do
-    is_monitor "$pid" || break
+  for _ in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || break
     tail -c "+$((offset + 1))" "$LOG_FILE" | grep -q "monitor started" && break
     sleep 0.1
   done

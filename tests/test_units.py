@@ -41,7 +41,7 @@ class FormatDurationTest(unittest.TestCase):
 
     def test_format_duration_is_compact_and_never_negative(self):
         cases = [(0, "0s"), (42, "42s"), (59.6, "1m00s"), (303, "5m03s"),
-                 (3 * 3600 + 12 * 60 + 5, "3h12m"), (2 * 86400 + 4 * 3600, "2d04h"),
+                 (3 * 3600 + 12 * 60 + 5, "3h12m"), (24 * 3600, "24h00m"), (2 * 86400 + 4 * 3600, "52h00m"), (5 * 86400 + 4 * 3600, "5d04h"),
                  (None, "0s"), (-5, "0s")]
         for seconds, expected in cases:
             with self.subTest(seconds=seconds):
