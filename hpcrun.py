@@ -250,7 +250,7 @@ TIME_LIMIT_SLACK = 60.0      # a SIGTERM this close to (or after) the job's end 
 FORWARD_DELAY = 1.0          # seconds before a signal is forwarded to a training still alive
 PROVISIONAL_MARGIN = 30.0    # seconds a monitor on another host waits beyond the wrapper's grace
 DRAIN_IDLE = 1.0             # after the training exits, stop relaying once its pipe is idle this long
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 18
 RECENT_BYTES = 4096
 PIPE_SIZE = 1 << 20
 TAIL_BLOCK = 1 << 16
@@ -1406,9 +1406,14 @@ def registered_work_dirs(env=None):
 
 
 def has_work(work_dir):
-    """Anything left to watch or deliver in a work dir."""
+    """Anything left to watch or deliver in a work dir (a run reported lost is not)."""
+    running = list_dir(state_dir(work_dir, "running"))
+    for name in running:
+        run_id = name[:-5]
+        if name.endswith(".json") and (run_id + ".lost" not in running or run_id + ".recovered" in running):
+            return True
     return any(name.endswith(".json") or sub == "claimed"
-               for sub in ("running", "done", "claimed", "reminders")
+               for sub in ("done", "claimed", "reminders")
                for name in list_dir(state_dir(work_dir, sub)) if not name.startswith("."))
 
 
@@ -1910,6 +1915,7 @@ class Wrapper(object):
             record["child_returncode"] = returncode
         if final:
             self.peak_rss = max(self.peak_rss, children_max_rss())
+            record["wrapper_cpu"] = own_cpu_seconds()
         record.update(self.observations())
         if self.relay and self.relay.log_error:
             record["log_error"] = self.relay.log_error
@@ -1959,6 +1965,12 @@ def tree_rss(pid):
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def own_cpu_seconds():
+    """CPU seconds (user + system) this process has used: what wrapping costs the node."""
+    times = os.times()
+    return times[0] + times[1]
 
 
 def children_max_rss():
@@ -3192,7 +3204,9 @@ class Monitor(object):
     def watch_dir(self, work_dir):
         """Read each running record once and turn silence into lost/stalled reports."""
         running_dir = state_dir(work_dir, "running")
-        names = [name for name in list_dir(running_dir) if name.endswith(".json") and name[0] != "."]
+        entries = list_dir(running_dir)
+        lost = set(name[:-5] for name in entries if name.endswith(".lost"))
+        names = [name for name in entries if name.endswith(".json") and name[0] != "."]
         watches = self.load_watches(work_dir) if self.persist_watches else self.watches
         for filename in names:
             run_id = filename[:-5]
@@ -3200,19 +3214,21 @@ class Monitor(object):
                 running = read_json_file(os.path.join(running_dir, filename))
             except HpcrunError:
                 continue  # ended and removed between listdir and open, or being replaced
-            self.observe(work_dir, run_id, running, watches)
+            self.observe(work_dir, run_id, running, watches, run_id in lost)
         if self.persist_watches:
             live = set(name[:-5] for name in names)
             self.save_watches(work_dir, {k: v for k, v in watches.items() if k in live})
 
-    def observe(self, work_dir, run_id, running, watches):
+    def observe(self, work_dir, run_id, running, watches, reported_lost=False):
         now = self.clock()
         seq, size = running.get("seq"), running.get("log_size")
+        first_sight = run_id not in watches
         watch = watches.setdefault(run_id, {"seq": seq, "seq_at": now, "size": size, "size_at": now})
         self.announce(work_dir, run_id, running)
-        if seq != watch["seq"]:
+        if seq != watch["seq"] or first_sight:
             watch.update(seq=seq, seq_at=now)
-            self.heartbeat_back(work_dir, run_id, running)
+            if reported_lost:
+                self.heartbeat_back(work_dir, run_id, running)
         if size != watch["size"]:
             watch.update(size=size, size_at=now)
             self.output_back(work_dir, run_id, running)
@@ -3267,6 +3283,11 @@ class Monitor(object):
             if not filename.endswith(".json") or reminder.get("next_check", 0) > self.now():
                 continue
             verdict = self.scheduler(reminder.get("job"))
+            if verdict is None and int(reminder.get("unanswered", 0)) < self.config.get("monitor", "reminder_max"):
+                reminder["unanswered"] = int(reminder.get("unanswered", 0)) + 1  # slurmctld busy?
+                reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
+                write_json_atomic(path, reminder)
+                continue
             if not verdict or verdict["state"] not in ALIVE_JOB_STATES:
                 for name in list_dir(os.path.dirname(path)):
                     if name.startswith(filename):
@@ -3322,8 +3343,13 @@ class Monitor(object):
         return True
 
     def heartbeat_back(self, work_dir, run_id, running):
-        lost = self.marker(work_dir, run_id, "lost")
-        if os.path.exists(lost) and create_marker(self.marker(work_dir, run_id, "recovered"), {}):
+        """One recovered report when a run reported lost beats again (a newer seq than at the loss)."""
+        try:
+            lost = read_json_file(self.marker(work_dir, run_id, "lost"))
+        except HpcrunError:
+            return  # never reported lost (the usual case)
+        if (running.get("seq") or 0) > (lost.get("seq") or 0) and \
+                create_marker(self.marker(work_dir, run_id, "recovered"), {}):
             self.emit_event(work_dir, event_record(running, "recovered"),
                             "recovered: %s: heartbeat back" % describe_run(running))
 
@@ -3365,9 +3391,11 @@ class Monitor(object):
     def wanted(self, record):
         """Whether [notify] events, only_failures and min_duration let this report out."""
         status = record.get("status")
+        if record.get("test"):
+            return True  # a selftest asked for this push
         if EVENT_OF_STATUS.get(status, "end") not in self.events:
             return False
-        if status not in STATUSES or record.get("test"):
+        if status not in STATUSES:
             return True
         if status == "success" and self.config.get("notify", "only_failures"):
             return False
@@ -3388,10 +3416,6 @@ class Monitor(object):
             for suffix in (".json", ".lost", ".recovered", ".stalled", ".start", ".time_limit_warning"):
                 remove_quietly(os.path.join(state_dir(work_dir, "running"), run_id + suffix))
             self.schedule_reminder(work_dir, record)
-        if record.get("status") == "lost" and record.get("base_run_id"):
-            # reported once (the .lost marker stays): stop watching; a heartbeat that comes
-            # back rewrites the running record and is reported as recovered
-            remove_quietly(os.path.join(state_dir(work_dir, "running"), record["base_run_id"] + ".json"))
         if sent:
             self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
         else:
@@ -3759,6 +3783,7 @@ def selftest_config(args, state):
 
 
 def selftest_work_dir(args, state):
+    state["own_dir"] = not args.work_dir
     state["work_dir"] = os.path.abspath(args.work_dir or os.path.join(
         hpcrun_home(), "selftest", host_name()))
     try:
@@ -3773,8 +3798,11 @@ def selftest_work_dir(args, state):
 def selftest_wrap(args, state):
     argv = [sys.executable, os.path.abspath(__file__), "wrap", "--selftest", "--name", "selftest",
             "--work-dir", state["work_dir"]] + (["--config", args.config] if args.config else [])
+    before = set(list_dir(state_dir(state["work_dir"], "done")))
     result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
-    done = [name for name in list_dir(state_dir(state["work_dir"], "done")) if name.endswith(".json")]
+    done = [name for name in list_dir(state_dir(state["work_dir"], "done"))
+            if name.endswith(".json") and name not in before]
+    state["run_ids"] = [name[:-5] for name in done]  # only these: the dir may hold real runs
     if result.returncode != 0 or not done:
         output = result.stdout.decode("utf-8", errors="replace").strip().splitlines()
         raise failure_with_fix("wrap exited %d: %s" % (result.returncode, output[-1] if output else ""),
@@ -3785,7 +3813,11 @@ def selftest_wrap(args, state):
 def selftest_monitor(args, state):
     state["errors"] = []
     monitor = Monitor(state["config"], state["channels"], state["errors"].append)
-    items, _ = monitor.claim_all(state["work_dir"])
+    items = []
+    for run_id in state["run_ids"]:
+        claimed = claim_record(os.path.join(state_dir(state["work_dir"], "done"), run_id + ".json"),
+                               state_dir(state["work_dir"], "claimed"), run_id, monitor.host, monitor.pid)
+        items += [(run_id, claimed)] if claimed else []
     if not items:
         raise failure_with_fix("the monitor found no record in '%s'" % state["work_dir"],
                                "check that the work dir is on a file system this node can read")
@@ -3817,8 +3849,10 @@ def selftest_cleanup(state):
         return
     for sub in ("done", "claimed", "delivery", "running"):
         for name in list_dir(state_dir(work_dir, sub)):
-            remove_quietly(os.path.join(state_dir(work_dir, sub), name))
-    remove_quietly(registry_entry(work_dir))
+            if any(name.startswith(run_id + ".") for run_id in state.get("run_ids", ())):
+                remove_quietly(os.path.join(state_dir(work_dir, sub), name))
+    if state.get("own_dir"):
+        remove_quietly(registry_entry(work_dir))
 
 
 def cmd_version(args):
