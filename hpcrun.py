@@ -1769,6 +1769,7 @@ class Wrapper(object):
         self.child = None
         self.child_exit_time = None
         self.grace = DEFAULT_GRACE
+        self.cpu_at_start = self.cpu_while_running = None  # CPU seconds: the cost of wrapping
         self.relay = None
         self.seq = 0
         self.signals = []            # (signal number, wall time) in order of arrival
@@ -1809,6 +1810,7 @@ class Wrapper(object):
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as error:
             return self.finish_without_child("cannot start '%s': %s" % (self.command, error.strerror))
+        self.cpu_at_start = own_cpu_seconds()
         enlarge_pipe(self.child.stdout.fileno())
         self.relay = Relay(self.child.stdout.fileno(), self.log_fd, sys.stdout.fileno(), self.sampler)
         self.relay.start()
@@ -1890,6 +1892,7 @@ class Wrapper(object):
     def wait(self):
         returncode = self.child.wait()
         self.child_exit_time = self.now()
+        self.cpu_while_running = own_cpu_seconds() - self.cpu_at_start
         self.drain()
         return returncode
 
@@ -1916,6 +1919,7 @@ class Wrapper(object):
         if final:
             self.peak_rss = max(self.peak_rss, children_max_rss())
             record["wrapper_cpu"] = own_cpu_seconds()
+            record["wrapper_cpu_while_running"] = self.cpu_while_running
         record.update(self.observations())
         if self.relay and self.relay.log_error:
             record["log_error"] = self.relay.log_error
