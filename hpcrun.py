@@ -622,6 +622,11 @@ def format_log_time(epoch):
     return text[:-2] + ":" + text[-2:]
 
 
+def is_number(value):
+    """An int or float from JSON (true and false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_local_time(text):
     """Epoch seconds of "YYYY-MM-DD HH:MM:SS" (local time), or None."""
     try:
@@ -1284,8 +1289,10 @@ def check_record(data, path):
         value = data.get(key)
         if value is None:
             continue
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
-            isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = is_number(value)
+        else:
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok:
             raise HpcrunError("record '%s': field '%s' has the wrong type" % (path, key))
     if data.get("status") not in STATUSES + EVENT_STATUSES:
@@ -1301,7 +1308,7 @@ def legacy_to_record(data, work_dir, run_id):
     record = {"run_id": run_id, "work_dir": work_dir, "schema": 0, "final": True,
               "name": os.path.basename(os.path.abspath(work_dir)), "legacy": True}
     exit_code = data.get("exit_code", data.get("return_code"))
-    if isinstance(exit_code, (int, float)) and not isinstance(exit_code, bool):
+    if is_number(exit_code):
         record["exit_code"] = int(exit_code)
     status = data.get("status")
     if status not in STATUSES:
@@ -1314,7 +1321,7 @@ def legacy_to_record(data, work_dir, run_id):
     end = parse_epoch(data.get("end_time")) or parse_epoch(data.get("timestamp"))
     record.update(start_time=start, end_time=end)
     elapsed = data.get("elapsed_seconds")
-    if isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool):
+    if is_number(elapsed):
         record["duration"] = float(elapsed)
     elif start and end:
         record["duration"] = end - start
@@ -1322,7 +1329,7 @@ def legacy_to_record(data, work_dir, run_id):
 
 
 def parse_epoch(value):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return float(value)
     if isinstance(value, str):
         return parse_local_time(value.replace("T", " "))
@@ -3007,6 +3014,7 @@ def boot_id():
     except OSError:
         return None
 
+
 class Monitor(object):
     """Finds completion records in the work dirs and delivers each to every channel once."""
 
@@ -3695,7 +3703,9 @@ def cmd_monitor(args):
     monitor.persist_watches = args.once
     if args.work_dir:
         fixed = [os.path.abspath(d) for d in args.work_dir]
-        work_dirs = lambda: fixed  # noqa: E731
+
+        def work_dirs():
+            return fixed
     else:
         work_dirs = registry_dirs(monitor)
     stop = threading.Event()

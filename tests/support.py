@@ -58,6 +58,18 @@ WAIT_FOR_GO = (
 
 # --- waiting on events ---
 
+def names_in(text, name):
+    """Whether text names name as a whole word (a run called a-1 is not a-10)."""
+    return re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(name), text) is not None
+
+
+def pass_time(seconds):
+    """Let a clock move on: the feature under test is a duration (stale_after, forget_after)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
 def wait_for(predicate, timeout=10.0, interval=0.01):
     """Poll predicate until it returns something true or timeout passes; return its last value."""
     deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ import time
 import unittest
 
 from support import (KEY, HpcrunTestCase, Reply, merge_sections, read_bytes, read_records,
-                     record_names, render_ini, wait_for)
+                     names_in, pass_time, record_names, render_ini, wait_for)
 
 
 HOST = os.uname()[1]
@@ -92,17 +92,6 @@ def report_kind(title):
         if re.search(pattern, title):
             return kind
     return "other"
-
-
-def names_in(text, name):
-    return re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(name), text) is not None
-
-
-def pass_time(seconds):
-    """Let a clock move on: the feature under test is a duration (forget_after, an interval)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
 def slurm_time(epoch):

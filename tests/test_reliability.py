@@ -17,7 +17,7 @@ import time
 import unittest
 
 from support import (KEY, HpcrunTestCase, ISO_LINE_RE, FakeXxtui, Reply, hpcrun_argv, kill_group,
-                     read_bytes, read_records, record_names, wait_for)
+                     names_in, pass_time, read_bytes, read_records, record_names, wait_for)
 
 
 # --- trainings ---
@@ -184,17 +184,6 @@ def report_kind(title):
         if re.search(pattern, title):
             return kind
     return "other"
-
-
-def names_in(title, name):
-    return re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(name), title) is not None
-
-
-def pass_time(seconds):
-    """Let a monitor's clock move on: the feature under test is a duration (stale_after, ...)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
 def pid_exists(pid):
