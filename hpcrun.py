@@ -868,6 +868,7 @@ class MetricSampler(object):
             self.pending = b""
 
     def look(self, window):
+        window = bytes(window)  # the relay passes views of a buffer it reuses
         matches = self.pattern.findall(window)
         if matches:
             self.add(float(matches[-1].decode("ascii")))
@@ -1383,8 +1384,10 @@ def hpcrun_home(env=None):
 
 
 def registry_entry(work_dir, env=None):
-    import hashlib
-    digest = hashlib.sha1(os.path.abspath(work_dir).encode("utf-8")).hexdigest()[:16]
+    """A fixed name per work dir. zlib, not hashlib: loading OpenSSL would cost the wrapper 4 MiB."""
+    import zlib
+    path = os.path.abspath(work_dir).encode("utf-8")
+    digest = "%08x%08x" % (zlib.crc32(path), zlib.adler32(path))
     return os.path.join(hpcrun_home(env), "registry", digest + ".json")
 
 
@@ -1397,7 +1400,7 @@ def register_work_dir(work_dir, now, env=None):
 
 
 def registered_work_dirs(env=None):
-    """[(work_dir, registered epoch)] of every registered work dir."""
+    """[(work_dir, registered epoch, entry path)] of every registered work dir."""
     directory = os.path.join(hpcrun_home(env), "registry")
     entries = []
     for filename in list_dir(directory):
@@ -1408,7 +1411,8 @@ def registered_work_dirs(env=None):
         except HpcrunError:
             continue
         if isinstance(entry.get("work_dir"), str):
-            entries.append((entry["work_dir"], float(entry.get("registered") or 0)))
+            entries.append((entry["work_dir"], float(entry.get("registered") or 0),
+                            os.path.join(directory, filename)))
     return entries
 
 
@@ -1615,15 +1619,19 @@ class Relay(threading.Thread):
         self.log_error = None
 
     def run(self):
-        read, source = os.read, self.source_fd
+        # One buffer for the whole run: no allocation per chunk. The sampler may keep a view of
+        # the last chunk; the read that ends the loop writes nothing into the buffer.
+        buffer = bytearray(READ_CHUNK)
+        view, readv, source = memoryview(buffer), os.readv, self.source_fd
         while True:
             try:
-                chunk = read(source, READ_CHUNK)
+                size = readv(source, [buffer])
             except OSError:
                 break
-            if not chunk:
+            if not size:
                 break
-            self.bytes += len(chunk)
+            chunk = view[:size]
+            self.bytes += size
             self.recent = (self.recent + chunk[-RECENT_BYTES:])[-RECENT_BYTES:]
             self.write_out(chunk)
             self.write_log(chunk)
@@ -3505,13 +3513,15 @@ def write_monitor_heartbeat(monitor, seq, interval):
 def registry_dirs(monitor, env=None):
     """The registered work dirs; idle ones drop out after [monitor] forget_after seconds."""
     def work_dirs():
-        dirs = []
-        for work_dir, registered in registered_work_dirs(env):
+        dirs, forgotten = [], []
+        for work_dir, registered, entry in registered_work_dirs(env):
             idle = not os.path.isdir(work_dir) or not has_work(work_dir)
             if idle and time.time() - registered > monitor.config.get("monitor", "forget_after"):
-                remove_quietly(registry_entry(work_dir, env))
-                monitor.log("forgot %s: nothing left to watch" % work_dir)
-            elif os.path.isdir(work_dir):
+                remove_quietly(entry)
+                if work_dir not in forgotten:  # entries an older hpcrun named differently
+                    forgotten.append(work_dir)
+                    monitor.log("forgot %s: nothing left to watch" % work_dir)
+            elif os.path.isdir(work_dir) and work_dir not in dirs:
                 dirs.append(work_dir)
         return dirs
     return work_dirs
@@ -3732,7 +3742,7 @@ def cmd_status(args):
         for monitor in monitors:
             emit(format_monitor_line(monitor, time.time()))
         return 0 if monitors else 3
-    work_dirs = args.work_dir or [work_dir for work_dir, _ in registered_work_dirs()]
+    work_dirs = args.work_dir or sorted(set(entry[0] for entry in registered_work_dirs()))
     runs = []
     for work_dir in work_dirs:
         runs.extend(collect_runs(os.path.abspath(work_dir)))

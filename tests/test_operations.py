@@ -11,7 +11,9 @@ heartbeat file.
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import unittest
@@ -281,6 +283,46 @@ class ArgumentFreeMonitorTest(OperationsTestCase):
             self.assertTimestampedLine(result.out, "forgot %s" % work)
         self.assertServerClean()
         self.assertSecretsKept()
+
+
+    def test_a_dir_registered_twice_under_different_names_is_watched_once_and_both_are_forgotten(self):
+        # an entry whose name another hpcrun version derived differently from the same dir
+        self.configure(monitor={"forget_after": "1"})
+        work = self.sb.make_dir("twice")
+        self.assertExit(self.wrap("echo 'epoch 1/1'", work=work, extra=["--name", "twice"]), 0)
+        directory = os.path.join(self.sb.hpcrun_home, "registry")
+        (ours,) = os.listdir(directory)
+        other = os.path.join(directory, "0123456789abcdef.json")
+        shutil.copyfile(os.path.join(directory, ours), other)
+
+        monitor = self.monitor(interval="0.5")
+        self.wait_for_reports("success", name="twice")
+        self.assertTrue(wait_for(lambda: not os.listdir(directory), timeout=10),
+                        "registry entries left: %r" % os.listdir(directory))
+        result = self.stop(monitor)
+        self.assertEqual(self.kinds(), ["success"], self.server.describe())
+        self.assertEqual(len(re.findall(r"forgot %s:" % re.escape(work), result.out)), 1,
+                         result.describe())
+        self.assertServerClean()
+
+
+class WrapFootprintTest(OperationsTestCase):
+
+    def test_a_running_wrap_has_not_loaded_openssl(self):
+        # hashlib and ssl map libcrypto: about 4 MiB of the wrapper's resident memory
+        probe = subprocess.check_output([sys.executable, "-c", "import hashlib, ssl\n"
+                                         "print(open('/proc/self/maps').read())"])
+        if b"libcrypto" not in probe:
+            self.skipTest("this Python does not load OpenSSL as a shared library")
+        self.configure()
+        work = self.sb.make_dir("footprint")
+        training = self.start_training(work, "footprint")
+        maps = read_bytes("/proc/%d/maps" % training.proc.pid)
+        self.go(work)
+        self.assertExit(self.finish(training), 0)
+        self.assertTrue(maps.strip(), "nothing read from the wrapper's maps")
+        self.assertNotIn(b"libcrypto", maps)
+        self.assertNotIn(b"libssl", maps)
 
 
 class MonitorHeartbeatTest(OperationsTestCase):
