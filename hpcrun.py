@@ -261,6 +261,7 @@ SELFTEST_PROGRAM = ("import platform, sys; print('hpcrun selftest on %s, Python 
                     "% (platform.node(), sys.version.split()[0]))")
 SCHEDULER_TIMEOUT = 10       # seconds for one squeue/scontrol/qstat/bjobs call
 MEMORY_SAMPLE_INTERVAL = 10.0  # seconds between two samples of the training's memory
+END_RECHECK_BEFORE = 3600.0    # in the job's last hour, ask Slurm for its end each heartbeat
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 ALIVE_JOB_STATES = ("RUNNING", "PENDING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING",
                     "R", "Q", "H", "S", "E", "RUN", "PEND", "PSUSP", "USUSP", "SSUSP", "r", "qw", "t")
@@ -1399,6 +1400,29 @@ def register_work_dir(work_dir, now, env=None):
                              "host": host_name()})
 
 
+def forget_work_dir(entry, registered):
+    """Remove a registry entry read as registered at `registered`, unless a wrap has registered
+    its dir again since: the entry is parked under a name of this process first, so a wrap's
+    new entry is either the parked one (put back) or a new file (left alone)."""
+    parked = os.path.join(os.path.dirname(entry), ".forget-%d-%s" % (os.getpid(), os.path.basename(entry)))
+    try:
+        os.rename(entry, parked)
+    except OSError:
+        return False  # another monitor forgot it first
+    try:
+        again = registered_at(read_json_file(parked)) != registered
+    except HpcrunError:
+        again = False
+    if again:
+        try:
+            os.rename(parked, entry)
+        except OSError:
+            pass
+        return False
+    remove_quietly(parked)
+    return True
+
+
 def registered_work_dirs(env=None):
     """[(work_dir, registered epoch, entry path)] of every registered work dir."""
     directory = os.path.join(hpcrun_home(env), "registry")
@@ -1411,9 +1435,13 @@ def registered_work_dirs(env=None):
         except HpcrunError:
             continue
         if isinstance(entry.get("work_dir"), str):
-            entries.append((entry["work_dir"], float(entry.get("registered") or 0),
-                            os.path.join(directory, filename)))
+            entries.append((entry["work_dir"], registered_at(entry), os.path.join(directory, filename)))
     return entries
+
+
+def registered_at(entry):
+    """When a registry entry was written (epoch); 0 for a broken one, which ages at once."""
+    return float(entry["registered"]) if is_number(entry.get("registered")) else 0.0
 
 
 def has_work(work_dir):
@@ -1487,11 +1515,16 @@ def release_command(job):
     return "%s %s" % (RELEASE_COMMANDS[job["scheduler"]], job["id"])
 
 
+def slurm_job_fields(job_id, runner=subprocess.run):
+    """JobState, EndTime, TimeLimit, StdOut and StartTime of a Slurm job, as scontrol prints them."""
+    text = run_quietly(["scontrol", "show", "job", job_id], runner) or ""
+    return dict(re.findall(r"\b(JobState|EndTime|TimeLimit|StdOut|StartTime)=(\S+)", text))
+
+
 def add_job_times(job, start_time, env, runner=subprocess.run):
-    """End time, time limit and output file of the job, asked of the scheduler once at start."""
+    """End time, time limit and output file of the job, asked of the scheduler at start."""
     if job["scheduler"] == "slurm":
-        text = run_quietly(["scontrol", "show", "job", job["id"]], runner) or ""
-        fields = dict(re.findall(r"\b(EndTime|TimeLimit|StdOut|StartTime)=(\S+)", text))
+        fields = slurm_job_fields(job["id"], runner)
         job["end_time"] = job.get("end_time") or parse_slurm_time(fields.get("EndTime"))
         job["time_limit"] = parse_time_limit(fields.get("TimeLimit"))
         job["output_file"] = fields.get("StdOut")
@@ -1867,7 +1900,23 @@ class Wrapper(object):
             self.peak_rss = max(self.peak_rss, tree_rss(self.child.pid) if self.child else 0)
             if time.monotonic() >= next_beat:
                 next_beat += interval
+                self.recheck_end_time()
                 self.write_running()
+
+    def recheck_end_time(self, runner=subprocess.run):
+        """A Slurm job's time limit can be raised while it runs (scontrol update): near the end
+        known so far, ask again, so that warnings, status and the time-limit cause stay right.
+        Only a running job's EndTime is its limit; once it is cancelled it is the cancel time."""
+        job = self.job
+        if not job or job.get("scheduler") != "slurm" or not job.get("end_time") or self.signals or \
+                job["end_time"] - self.now() > END_RECHECK_BEFORE:
+            return
+        fields = slurm_job_fields(job["id"], runner)
+        end_time = parse_slurm_time(fields.get("EndTime"))
+        if end_time and fields.get("JobState") == "RUNNING" and not self.signals:
+            with self.lock:
+                job["end_time"] = end_time
+                job["time_limit"] = parse_time_limit(fields.get("TimeLimit")) or job.get("time_limit")
 
     def on_signal(self, number, frame):
         name = signal_name(number)
@@ -3267,11 +3316,13 @@ class Monitor(object):
                 and not self.ended(work_dir, run_id):
             self.emit_event(work_dir, event_record(running, "start"), "started: %s" % describe_run(running))
         end_time = (running.get("job") or {}).get("end_time") if isinstance(running.get("job"), dict) else None
-        if not end_time or "time_limit_warning" not in self.events:
+        if not is_number(end_time) or not end_time or "time_limit_warning" not in self.events:
             return
         remaining = end_time - self.now()
+        # once per end time: a job whose limit was raised after a warning is warned again
+        marker = self.marker(work_dir, run_id, "time_limit_warning-%d" % end_time)
         if 0 < remaining <= self.config.get("notify", "time_limit_margin") and \
-                create_marker(self.marker(work_dir, run_id, "time_limit_warning"), {}):
+                create_marker(marker, {"end_time": end_time}):
             self.emit_event(work_dir, event_record(running, "time_limit_warning", remaining=remaining),
                             "time limit near: %s: %s left" % (describe_run(running), format_duration(remaining)))
 
@@ -3433,8 +3484,12 @@ class Monitor(object):
         os.replace(claimed, os.path.join(state_dir(work_dir, "sent"), run_id + ".json"))
         remove_quietly(os.path.join(state_dir(work_dir, "delivery"), run_id + ".json"))
         if record.get("status") in STATUSES:
-            for suffix in (".json", ".lost", ".recovered", ".stalled", ".start", ".time_limit_warning"):
-                remove_quietly(os.path.join(state_dir(work_dir, "running"), run_id + suffix))
+            running_dir = state_dir(work_dir, "running")
+            for name in list_dir(running_dir):
+                suffix = name[len(run_id):] if name.startswith(run_id + ".") else ""
+                if suffix in (".json", ".lost", ".recovered", ".stalled", ".start") or \
+                        suffix.startswith(".time_limit_warning-"):
+                    remove_quietly(os.path.join(running_dir, name))
             self.schedule_reminder(work_dir, record)
         if sent:
             self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
@@ -3516,8 +3571,8 @@ def registry_dirs(monitor, env=None):
         dirs, forgotten = [], []
         for work_dir, registered, entry in registered_work_dirs(env):
             idle = not os.path.isdir(work_dir) or not has_work(work_dir)
-            if idle and time.time() - registered > monitor.config.get("monitor", "forget_after"):
-                remove_quietly(entry)
+            old = time.time() - registered > monitor.config.get("monitor", "forget_after")
+            if idle and old and forget_work_dir(entry, registered):
                 if work_dir not in forgotten:  # entries an older hpcrun named differently
                     forgotten.append(work_dir)
                     monitor.log("forgot %s: nothing left to watch" % work_dir)

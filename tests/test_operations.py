@@ -657,6 +657,57 @@ class EventSettingsTest(OperationsTestCase):
         self.assertRegex(warning["content"], r"(?m)^Time left: [0-4]s$")
         self.assertServerClean()
 
+    def test_a_job_extended_while_it_runs_is_warned_again_near_its_new_end(self):
+        margin = 4.0
+        self.configure(notify={"time_limit_margin": str(margin)})
+        self.install_fake_slurm()
+        first_end = int(time.time()) + 10
+        self.set_job(6161, first_end)
+        far_end = int(time.time()) + 7200                  # over an hour away: never asked again
+        self.set_job(6262, far_end)
+        env, home = self.own_home("monitor")
+        far_work = self.sb.make_dir("far")
+        monitor = self.monitor(self.sb.work, far_work, env=env)
+        training = self.start_training(self.sb.work, "extended", env=self.slurm_env(6161))
+        far = self.start_training(far_work, "far", env=self.slurm_env(6262))
+        self.wait_for_reports("warning", name="extended", timeout=20)
+
+        second_end = int(time.time()) + 8                  # scontrol update ... TimeLimit=+...
+        self.set_job(6161, second_end)
+        self.assertTrue(wait_for(lambda: self.job_end(self.sb.work) == second_end, timeout=10),
+                        "the running record kept end %r" % self.job_end(self.sb.work))
+        arrived = self.wait_for_reports("warning", count=2, name="extended", timeout=20)
+        self.assertGreaterEqual(arrived[1], second_end - margin - 0.05)
+        self.assertLess(arrived[1], second_end)
+        self.wait_polls(2, home=home, monitor=monitor)
+        # a job that is no longer running shows its actual end, not its limit: not taken
+        self.set_job(6161, int(time.time()) - 30, state="COMPLETING")
+        seq = self.heartbeat_seq(self.sb.work)
+        self.assertTrue(wait_for(lambda: self.heartbeat_seq(self.sb.work) >= seq + 2, timeout=10))
+        self.assertEqual(self.job_end(self.sb.work), second_end)
+        for work in (self.sb.work, far_work):
+            self.go(work)
+        self.assertExit(self.finish(training), 0)
+        self.assertExit(self.finish(far), 0)
+        self.wait_for_reports("success", name="extended")
+        self.wait_for_reports("success", name="far")
+        self.stop(monitor)
+
+        self.assertEqual(self.kinds("extended"), ["warning", "warning", "success"], self.server.describe())
+        self.assertEqual(self.kinds("far"), ["success"], self.server.describe())
+        calls = read_bytes(os.path.join(self.bin, "calls.log")).decode("utf-8")
+        self.assertEqual(calls.count("show job 6262"), 1, calls)
+        self.assertEqual(os.listdir(os.path.join(self.sb.work, ".hpcrun", "running")), [])
+        self.assertServerClean()
+
+    def heartbeat_seq(self, work):
+        records = list(read_records(work, "running").values())
+        return records[0]["seq"] if records else 0
+
+    def job_end(self, work):
+        records = list(read_records(work, "running").values())
+        return records[0].get("job", {}).get("end_time") if records else None
+
     def test_release_reminders_come_every_interval_stop_when_the_job_goes_and_at_most_max(self):
         self.install_fake_slurm()
         interval = 1.0

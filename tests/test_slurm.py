@@ -140,6 +140,12 @@ def ending_records(work, state):
             if record.get("status") in hpcrun.STATUSES}
 
 
+def running_job_end(work):
+    """The job end time in a work dir's (one) running record, None before there is one."""
+    records = list(read_records(work, "running").values())
+    return (records[0].get("job") or {}).get("end_time") if records else None
+
+
 def clip(text, limit=3000):
     return text if len(text) <= limit else "[... %d chars cut ...]\n%s" % (
         len(text) - limit, text[-limit:])
@@ -473,6 +479,14 @@ class SlurmEndingsTest(SlurmTestCase):
                        for name in log_files(job.work))
         self.wait_for_job_start(job)
         self.wait_until("the training of job %s to start" % job.label, training_started, 30)
+        # first its time limit is raised, as a user who needs longer would
+        first_end = running_job_end(job.work)
+        self.assertTrue(first_end, "the running record has no job end time")
+        status, _, err = run_command(["scontrol", "update", "JobId=%s" % job.id, "TimeLimit=3"],
+                                     self.class_env)
+        self.assertEqual(status, 0, "scontrol update %s: %s" % (job.id, err))
+        self.wait_until("the wrapper to see the raised time limit",
+                        lambda: (running_job_end(job.work) or 0) >= first_end + 110, 15)
         status, _, err = run_command(["scancel", job.id], self.class_env)
         self.assertEqual(status, 0, "scancel %s: %s" % (job.id, err))
         self.wait_for_job_end(job)
@@ -492,6 +506,7 @@ class SlurmEndingsTest(SlurmTestCase):
         pushes = self.pushes_about("cancel-run")
         self.assertEqual(len(pushes), 1)
         self.assertNotRegex(pushes[0]["title"], SUCCESS_WORDS)
+        self.assertGreaterEqual(record["job"]["end_time"], first_end + 110)
         self.assertEqual(record["cause"], "cancelled",
                          "scancel'd %.0fs after the start of a job with a 60 s time limit"
                          % (json.loads(read_text(job.marker))["time"] - record["start_time"]))

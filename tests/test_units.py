@@ -355,6 +355,39 @@ class WrapHelpersTest(TempDirTestCase):
                 self.assertEqual((status, code, name), expected)
 
 
+class RegistryTest(TempDirTestCase):
+
+    def setUp(self):
+        TempDirTestCase.setUp(self)
+        self.env = {"HPCRUN_HOME": self.dir}
+        self.work = os.path.join(self.dir, "work")
+        hpcrun.register_work_dir(self.work, 1000.0, env=self.env)
+        ((_, registered, self.entry),) = hpcrun.registered_work_dirs(self.env)
+        self.assertEqual(registered, 1000.0)
+
+    def registry(self):
+        return sorted(os.listdir(os.path.dirname(self.entry)))
+
+    def test_an_entry_is_forgotten_only_if_no_wrap_registered_its_dir_again_since_it_was_read(self):
+        hpcrun.register_work_dir(self.work, 2000.0, env=self.env)  # a wrap, after the read
+        self.assertFalse(hpcrun.forget_work_dir(self.entry, 1000.0))
+        self.assertEqual(hpcrun.registered_work_dirs(self.env), [(self.work, 2000.0, self.entry)])
+        self.assertTrue(hpcrun.forget_work_dir(self.entry, 2000.0))
+        self.assertEqual(self.registry(), [])
+        self.assertFalse(hpcrun.forget_work_dir(self.entry, 2000.0))  # another monitor was first
+
+    def test_an_entry_without_a_usable_time_reads_as_registered_at_0_and_can_be_forgotten(self):
+        for label, registered in (("missing", None), ("text", "yesterday"), ("true", True)):
+            with self.subTest(label):
+                entry = {"work_dir": self.work}
+                if registered is not None:
+                    entry["registered"] = registered
+                hpcrun.write_json_atomic(self.entry, entry)
+                self.assertEqual(hpcrun.registered_work_dirs(self.env), [(self.work, 0.0, self.entry)])
+                self.assertTrue(hpcrun.forget_work_dir(self.entry, 0.0))
+                self.assertEqual(self.registry(), [])
+
+
 class LegacyRecordTest(unittest.TestCase):
 
     def test_legacy_records_of_both_forms_become_records(self):
