@@ -261,7 +261,6 @@ SELFTEST_PROGRAM = ("import platform, sys; print('hpcrun selftest on %s, Python 
                     "% (platform.node(), sys.version.split()[0]))")
 SCHEDULER_TIMEOUT = 10       # seconds for one squeue/scontrol/qstat/bjobs call
 MEMORY_SAMPLE_INTERVAL = 10.0  # seconds between two samples of the training's memory
-END_RECHECK_BEFORE = 3600.0    # in the job's last hour, ask Slurm for its end each heartbeat
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 ALIVE_JOB_STATES = ("RUNNING", "PENDING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING",
                     "R", "Q", "H", "S", "E", "RUN", "PEND", "PSUSP", "USUSP", "SSUSP", "r", "qw", "t")
@@ -1896,20 +1895,22 @@ class Wrapper(object):
         interval = max(1.0, self.config.get("wrap", "heartbeat_interval"))
         step = min(interval, MEMORY_SAMPLE_INTERVAL)
         next_beat = time.monotonic() + interval
+        recheck_before = self.config.get("notify", "time_limit_margin") + 2 * interval
         while not self.stopped.wait(step):
             self.peak_rss = max(self.peak_rss, tree_rss(self.child.pid) if self.child else 0)
             if time.monotonic() >= next_beat:
                 next_beat += interval
-                self.recheck_end_time()
+                self.recheck_end_time(recheck_before)
                 self.write_running()
 
-    def recheck_end_time(self, runner=subprocess.run):
-        """A Slurm job's time limit can be raised while it runs (scontrol update): near the end
-        known so far, ask again, so that warnings, status and the time-limit cause stay right.
+    def recheck_end_time(self, recheck_before, runner=subprocess.run):
+        """A Slurm job's time limit can be raised while it runs (scontrol update). From just
+        before the time-limit warning on, ask again each heartbeat, so that the warning, status
+        and the time-limit cause follow a new end (about 12 calls a job with the defaults).
         Only a running job's EndTime is its limit; once it is cancelled it is the cancel time."""
         job = self.job
         if not job or job.get("scheduler") != "slurm" or not job.get("end_time") or self.signals or \
-                job["end_time"] - self.now() > END_RECHECK_BEFORE:
+                job["end_time"] - self.now() > recheck_before:
             return
         fields = slurm_job_fields(job["id"], runner)
         end_time = parse_slurm_time(fields.get("EndTime"))

@@ -663,7 +663,7 @@ class EventSettingsTest(OperationsTestCase):
         self.install_fake_slurm()
         first_end = int(time.time()) + 10
         self.set_job(6161, first_end)
-        far_end = int(time.time()) + 7200                  # over an hour away: never asked again
+        far_end = int(time.time()) + 7200                  # far from its warning: never asked again
         self.set_job(6262, far_end)
         env, home = self.own_home("monitor")
         far_work = self.sb.make_dir("far")
