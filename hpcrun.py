@@ -3489,7 +3489,7 @@ class Monitor(object):
             for name in list_dir(running_dir):
                 suffix = name[len(run_id):] if name.startswith(run_id + ".") else ""
                 if suffix in (".json", ".lost", ".recovered", ".stalled", ".start") or \
-                        suffix.startswith(".time_limit_warning-"):
+                        suffix.startswith(".time_limit_warning"):  # "-END" per end time; bare from older monitors
                     remove_quietly(os.path.join(running_dir, name))
             self.schedule_reminder(work_dir, record)
         if sent:

@@ -685,6 +685,8 @@ class EventSettingsTest(OperationsTestCase):
         seq = self.heartbeat_seq(self.sb.work)
         self.assertTrue(wait_for(lambda: self.heartbeat_seq(self.sb.work) >= seq + 2, timeout=10))
         self.assertEqual(self.job_end(self.sb.work), second_end)
+        (run_id,) = read_records(self.sb.work, "running")        # a marker as older monitors named it
+        open(os.path.join(self.sb.work, ".hpcrun", "running", run_id + ".time_limit_warning"), "w").close()
         for work in (self.sb.work, far_work):
             self.go(work)
         self.assertExit(self.finish(training), 0)
