@@ -1,7 +1,8 @@
 """Against a real Slurm: time limits, scancel, job arrays, silent kills, idle allocations.
 
 Needs a running Slurm (tests/slurm/up.sh starts a single-node one as root); the tests skip
-with the reason when there is none or when HPCRUN_SKIP_SLURM=1 is set. SLURM_CONF defaults
+with the reason when there is none or when HPCRUN_SKIP_SLURM=1 is set, and fail instead when
+HPCRUN_REQUIRE_SLURM=1 is set (.ci/run sets it after starting Slurm). SLURM_CONF defaults
 to the config up.sh writes ($HPCRUN_SLURM_DIR, default /tmp/hpcrun-slurm) when it is unset.
 
 The jobs run the real hpcrun.py with this interpreter, so every path they see is absolute.
@@ -259,6 +260,9 @@ class SlurmTestCase(HpcrunTestCase):
     @classmethod
     def setUpClass(cls):
         reason = slurm_missing_reason()
+        if reason and os.environ.get("HPCRUN_REQUIRE_SLURM", "") not in ("", "0") and \
+                os.environ.get("HPCRUN_SKIP_SLURM", "") in ("", "0"):
+            raise AssertionError("HPCRUN_REQUIRE_SLURM is set (CI started a Slurm), but " + reason)
         if reason:
             raise unittest.SkipTest(reason)
         cls.jobs = []
