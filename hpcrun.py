@@ -1654,10 +1654,10 @@ class Relay(threading.Thread):
         # One buffer for the whole run: no allocation per chunk. The sampler may keep a view of
         # the last chunk; the read that ends the loop writes nothing into the buffer.
         buffer = bytearray(READ_CHUNK)
-        view, readv, source = memoryview(buffer), os.readv, self.source_fd
+        buffers, view, readv, source = [buffer], memoryview(buffer), os.readv, self.source_fd
         while True:
             try:
-                size = readv(source, [buffer])
+                size = readv(source, buffers)
             except OSError:
                 break
             if not size:

@@ -551,8 +551,8 @@ def kill_group(proc):
 class Background(object):
     """hpcrun.py running in the background, output going to files in the sandbox."""
 
-    def __init__(self, args, env, cwd, out_dir, script=HPCRUN, preexec_fn=None):
-        self.argv = hpcrun_argv(args, script)
+    def __init__(self, args, env, cwd, out_dir, script=HPCRUN, preexec_fn=None, prefix=()):
+        self.argv = list(prefix) + hpcrun_argv(args, script)
         self.env = env
         self.cwd = cwd
         fd, self.stdout_path = tempfile.mkstemp(prefix="stdout-", dir=out_dir)

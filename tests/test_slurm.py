@@ -19,7 +19,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
@@ -28,8 +27,7 @@ if TESTS_DIR not in sys.path:    # also run as: python3 -m unittest tests.test_s
     sys.path.insert(0, TESTS_DIR)
 
 from support import (HPCRUN, KEY, SUCCESS_WORDS, Background, FakeXxtui, HpcrunTestCase, Sandbox,
-                     hpcrun_argv, log_files, read_bytes, read_records, record_names, render_ini,
-                     wait_for)
+                     log_files, read_bytes, read_records, record_names, render_ini, wait_for)
 
 import hpcrun
 
@@ -233,16 +231,7 @@ class BoundedMonitor(Background):
     """A long-running hpcrun.py monitor under timeout(1): it ends even if the tests are killed."""
 
     def __init__(self, args, env, cwd, out_dir):
-        self.argv = ["timeout", str(MONITOR_LIFETIME)] + hpcrun_argv(args)
-        self.env = env
-        self.cwd = cwd
-        fd, self.stdout_path = tempfile.mkstemp(prefix="stdout-", dir=out_dir)
-        os.close(fd)
-        fd, self.stderr_path = tempfile.mkstemp(prefix="stderr-", dir=out_dir)
-        os.close(fd)
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=err, env=env, cwd=cwd, start_new_session=True)
+        Background.__init__(self, args, env, cwd, out_dir, prefix=["timeout", str(MONITOR_LIFETIME)])
 
 
 def wrap_line(config, work, name, training, marker, steps, exec_it):
