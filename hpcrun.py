@@ -34,7 +34,11 @@ __version__ = "0.1.0"
 SCHEMA_VERSION = 1
 STATE_DIR = ".hpcrun"
 STATE_SUBDIRS = ("running", "done", "claimed", "delivery", "sent")
+ALL_STATE_SUBDIRS = STATE_SUBDIRS + ("reminders", "then")
 LEGACY_RECORD = ".train_complete.json"
+RUN_ID_RE = r"^[A-Za-z0-9_][A-Za-z0-9._~-]{0,199}\Z"   # file names under .hpcrun/ are run ids
+BAD_NAME_PREFIX = "badname-"
+JOB_ID_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.@\[\]-]{0,99}\Z"
 STATUSES = ("success", "failed", "killed", "terminated")
 EVENT_STATUSES = ("lost", "recovered", "stalled", "resumed", "start", "time_limit_warning",
                   "release_reminder")
@@ -247,9 +251,15 @@ WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
 CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL")
 DEFAULT_GRACE = 8.0          # seconds between SIGTERM and SIGKILL off Slurm (PBS Pro 10, LSF 10)
 TIME_LIMIT_SLACK = 60.0      # a SIGTERM this close to (or after) the job's end time is the time limit
+DEADLINE_STEP = 0.1          # seconds between two looks of a push's watchdog at the stop flag
 FORWARD_DELAY = 1.0          # seconds before a signal is forwarded to a training still alive
 PROVISIONAL_MARGIN = 30.0    # seconds a monitor on another host waits beyond the wrapper's grace
 DRAIN_IDLE = 1.0             # after the training exits, stop relaying once its pipe is idle this long
+DRAIN_MAX = 3.0              # ... or after this long, whatever a grandchild holding the pipe writes
+DRAIN_STEP = 0.05
+LEFTOVER_GRACE = 1.0         # seconds between SIGTERM and SIGKILL for what the training left running
+FINAL_RETRY_DELAY = 0.2      # seconds before the completion record is written a second time
+PR_SET_CHILD_SUBREAPER = 36
 READ_CHUNK = 1 << 18
 RECENT_BYTES = 4096
 PIPE_SIZE = 1 << 20
@@ -314,11 +324,14 @@ SECRET_PATTERNS = (
     r"(?i)((?<![a-z0-9])(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|token|passw(?:or)?d|passwd|pwd)"
     r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&]+)",
     r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:bearer|basic|token)?\s*)([^\s\"']+)",
-    r"(?i)(--?[\w-]*(?:api[_-]?key|token|secret|passw(?:or)?d)[ =])(\S+)",
-    r"(\b[a-z][\w+.-]*://[^/\s:@]+:)([^@\s/]+)(?=@)",
+    r"(?i)(--?[\w-]{0,40}(?:api[_-]?key|token|secret|passw(?:or)?d)[ =])(\S+)",
+    r"(\b[a-z][\w+.-]{0,30}://[^/\s:@]{1,200}:)([^@\s/]+)(?=@)",
     r"()\b(sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|hf_[A-Za-z0-9]{20,}"
     r"|xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16}|tk_[a-z0-9]{20,})\b",
 )
+PRIVATE_KEY_BEGIN_RE = r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+PRIVATE_KEY_END_RE = r"-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+PRIVATE_KEY_MASK = "*** private key masked ***"
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 METRIC_POINTS = 256          # values kept over a whole run (thinned evenly as it grows)
 SAMPLE_INTERVAL = 1.0        # seconds between two looks at the output for metrics and progress
@@ -431,6 +444,7 @@ MESSAGES = {
         "field_duration": "时长",
         "field_log": "日志",
         "provisional": "（临时记录：包装进程在收到信号后没能写完最终记录）",
+        "foreign_author": "记录由 {user} 写入：它指向的文件（日志、作业输出）未被读取",
         "tail_header": "--- 日志最后 {n} 行 ---",
         "tail_cut": "…（已截断 {n} 行）",
         "no_log": "（没有日志：{reason}）",
@@ -540,6 +554,7 @@ MESSAGES = {
         "field_duration": "Duration",
         "field_log": "Log",
         "provisional": "(provisional record: the wrapper was stopped before it wrote the final one)",
+        "foreign_author": "Record written by {user}: the files it names (log, job output) were not read",
         "tail_header": "--- last {n} log lines ---",
         "tail_cut": "… ({n} lines cut)",
         "no_log": "(no log: {reason})",
@@ -559,13 +574,22 @@ class ConfigError(HpcrunError):
     exit_code = 2
 
 
+class UnsafeFile(HpcrunError):
+    """A file a record names that is not read: not a regular file, or not the author's to show."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT reached the monitor in the middle of a push: stop at once."""
+
+
 class ChannelError(HpcrunError):
     """A push that a service did not accept; retryable unless the service said no for good."""
 
-    def __init__(self, message, retryable=True, retry_after=None):
+    def __init__(self, message, retryable=True, retry_after=None, timed_out=False):
         HpcrunError.__init__(self, message)
         self.retryable = retryable
         self.retry_after = retry_after
+        self.timed_out = timed_out
 
 
 # --- pure helpers: formatting, parsing, tail reading, log cleaning ---
@@ -581,17 +605,26 @@ def find_program(name):
 
 
 def emit(text, stream=None):
-    """Write a line as UTF-8 whatever the locale (LANG=C on Python 3.6 would refuse Chinese)."""
+    """Write a line as UTF-8 whatever the locale (LANG=C on Python 3.6 would refuse Chinese).
+
+    A closed stream (started with >&-, as cron jobs are) swallows the line."""
     stream = stream or sys.stdout
+    if stream is None:
+        return
     data = (text + "\n").encode("utf-8", errors="replace")
-    stream.flush()
-    buffer = getattr(stream, "buffer", None)
-    if buffer is not None:
-        buffer.write(data)
-        buffer.flush()
-    else:
-        stream.write(data.decode("utf-8"))
+    try:
         stream.flush()
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+            buffer.flush()
+        else:
+            stream.write(data.decode("utf-8"))
+            stream.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError):
+        pass  # stderr of a detached job: nowhere to say it
 
 
 def format_duration(seconds):
@@ -613,7 +646,10 @@ def format_duration(seconds):
 def format_local_time(epoch):
     if epoch is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    except (OverflowError, ValueError, OSError):
+        return "?"
 
 
 def format_log_time(epoch):
@@ -681,29 +717,63 @@ def clean_log_text(text):
     return lines
 
 
-def read_tail(path, line_count, max_bytes=TAIL_MAX_BYTES):
-    """The last line_count cleaned lines of a log, reading backwards in blocks up to max_bytes."""
+def read_tail(source, line_count, max_bytes=TAIL_MAX_BYTES):
+    """The last line_count cleaned lines of a log (a path, or a binary stream opened already),
+    reading backwards in blocks up to max_bytes."""
     if line_count <= 0:
         return []
-    with open(path, "rb") as stream:
-        stream.seek(0, os.SEEK_END)
-        position = stream.tell()
-        data = b""
-        while position > 0 and len(data) < max_bytes:
-            step = min(TAIL_BLOCK, position, max_bytes - len(data))
-            position -= step
-            stream.seek(position)
-            data = stream.read(step) + data
-            if data.count(b"\n") > line_count:
-                break
+    if isinstance(source, str):
+        with open_regular_file(source) as stream:
+            return read_tail(stream, line_count, max_bytes)
+    source.seek(0, os.SEEK_END)
+    position = source.tell()
+    data = b""
+    while position > 0 and len(data) < max_bytes:
+        step = min(TAIL_BLOCK, position, max_bytes - len(data))
+        position -= step
+        source.seek(position)
+        data = source.read(step) + data
+        if data.count(b"\n") > line_count:
+            break
     if position > 0:
         cut = [i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0]
         data = data[min(cut) + 1:] if cut else b""   # the first (partial) segment is cut
-    text = data.decode("utf-8", errors="replace")
-    lines = clean_log_text(text)
+    lines = clean_log_text(data.decode("utf-8", errors="replace"))
     while lines and not lines[-1]:
         lines.pop()
     return lines[-line_count:]
+
+
+def open_regular_file(path, follow=True, dir_fd=None):
+    """A binary stream of a regular file, opened so that nothing can block or trick the reader:
+    O_NONBLOCK (a FIFO does not wait for a writer), O_NOCTTY, fstat before any read. A FIFO,
+    device, directory or symlink loop raises UnsafeFile; follow=False refuses any symlink."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnsafeFile("a symbolic link" if not follow else "a symbolic link loop")
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeFile("not a regular file (%s)" % file_kind(mode))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_kind(mode):
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 def strip_rank(line):
@@ -715,6 +785,25 @@ def mask_secrets(line):
     for pattern in SECRET_PATTERNS:
         line = re.sub(pattern, lambda match: match.group(1) + "***", line)
     return line
+
+
+def mask_key_blocks(lines):
+    """Lines with every private-key block (-----BEGIN ... PRIVATE KEY----- to its END line)
+    replaced by one line; a block cut by the start or the end of the tail is masked too."""
+    ends = [i for i, line in enumerate(lines) if re.search(PRIVATE_KEY_END_RE, line)]
+    begins = [i for i, line in enumerate(lines) if re.search(PRIVATE_KEY_BEGIN_RE, line)]
+    if not ends and not begins:
+        return lines
+    masked, inside = [], bool(ends) and (not begins or ends[0] < begins[0])
+    for index, line in enumerate(lines):
+        starts = re.search(PRIVATE_KEY_BEGIN_RE, line)
+        if starts or inside:
+            if not masked or masked[-1] != PRIVATE_KEY_MASK:
+                masked.append(PRIVATE_KEY_MASK)
+            inside = not re.search(PRIVATE_KEY_END_RE, line)
+            continue
+        masked.append(line)
+    return masked
 
 
 def classify_log(lines):
@@ -1121,7 +1210,40 @@ def collect_secrets(config):
             if is_secret_setting(name, key) and isinstance(value, str):
                 secrets |= secret_forms(value.strip())
                 secrets |= secret_header_values(key, value)
+                secrets |= secret_url_parts(value)
     return secrets
+
+
+def secret_url_parts(value):
+    """The parts of a secret URL that carry its token (Slack's /services/T../B../XXXX, Discord's
+    /api/webhooks/ID/TOKEN, a key in the query): an error page that repeats the path alone
+    must not show them."""
+    from urllib.parse import parse_qsl, urlsplit
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:
+        return set()
+    if not parts.scheme or not parts.netloc:
+        return set()
+    segments = [segment for segment in parts.path.split("/") if segment]
+    tokens = [index for index, segment in enumerate(segments) if looks_like_token(segment)]
+    secrets = set()
+    if tokens:
+        secrets |= secret_forms(parts.path) | secret_forms("/".join(segments[tokens[0]:]))
+        for index in tokens:
+            secrets |= secret_forms(segments[index])
+    for _, item in parse_qsl(parts.query):
+        if looks_like_token(item):
+            secrets |= secret_forms(item)
+    return secrets
+
+
+def looks_like_token(text):
+    """A path segment or query value that may be a credential rather than a word of the API."""
+    if "{" in text:
+        return False  # a template placeholder such as {token}
+    return len(text) >= 16 or (len(text) >= 6 and bool(re.search(r"\d", text)) and
+                               bool(re.search(r"[A-Za-z]", text)))
 
 
 def secret_header_values(key, value):
@@ -1200,33 +1322,49 @@ def state_dir(work_dir, sub):
 
 
 def make_state_dirs(work_dir):
-    for sub in STATE_SUBDIRS:
-        os.makedirs(state_dir(work_dir, sub), exist_ok=True)
+    """DIR/.hpcrun and its subdirectories, as real directories: a symlink someone planted in
+    the place of one is replaced, never written through."""
+    for path in [os.path.join(work_dir, STATE_DIR)] + [state_dir(work_dir, sub) for sub in STATE_SUBDIRS]:
+        if os.path.islink(path):
+            print_warning("'%s' was a symbolic link: replaced by a directory" % path)
+            os.unlink(path)
+        os.makedirs(path, exist_ok=True)
 
 
-def write_json_atomic(path, data):
-    """Temporary file in the same directory, flush, fsync, rename: readers see all or nothing."""
+def json_bytes(data):
+    return json.dumps(data, ensure_ascii=True, indent=1, sort_keys=True).encode("ascii") + b"\n"
+
+
+def write_json_atomic(path, data, dir_fd=None):
+    """Temporary file in the same directory, flush, fsync, rename: readers see all or nothing.
+    With dir_fd, path is a name in that directory. A failed write leaves no temporary file."""
     directory = os.path.dirname(path)
     temp = os.path.join(directory, ".tmp-%s-%d-%s" % (os.path.basename(path), os.getpid(),
                                                       os.urandom(3).hex()))
-    payload = json.dumps(data, ensure_ascii=True, indent=1, sort_keys=True).encode("ascii") + b"\n"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    payload = json_bytes(data)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
     try:
-        write_all(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(temp, path)
-    except OSError:
-        remove_quietly(temp)
+        try:
+            write_all(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        remove_quietly(temp, dir_fd)
         raise
-    fsync_dir(directory)
+    fsync_dir(directory, dir_fd)
 
 
-def fsync_dir(directory):
+def fsync_dir(directory, dir_fd=None):
+    if dir_fd is not None:
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        return
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(directory or ".", os.O_RDONLY)
     except OSError:
         return
     try:
@@ -1244,24 +1382,31 @@ def write_all(fd, data):
         view = view[written:]
 
 
-def remove_quietly(path):
+def remove_quietly(path, dir_fd=None):
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except OSError:
         pass
 
 
 def read_json_file(path, max_bytes=1 << 20):
     """A JSON object from a regular file; symlinks, huge files and bad JSON are HpcrunErrors."""
+    return read_json_owned(path, max_bytes)[0]
+
+
+def read_json_owned(path, max_bytes=1 << 20, dir_fd=None, shown=None):
+    """(JSON object, uid of the file's owner) of a record: never follows a symlink, never
+    blocks on a FIFO, never recurses without bound. shown: the path to name in errors."""
+    shown = shown or path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        stream = open_regular_file(path, follow=False, dir_fd=dir_fd)
+    except UnsafeFile as error:
+        raise HpcrunError("record '%s' is %s: not read" % (shown, error))
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise HpcrunError("record '%s' is a symbolic link: not read" % path)
-        raise HpcrunError("cannot read record '%s': %s" % (path, error.strerror))
-    with os.fdopen(fd, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-            raise HpcrunError("record '%s' is not a regular file" % path)
+        raise HpcrunError("cannot read record '%s': %s" % (shown, error.strerror))
+    path = shown
+    with stream:
+        owner = os.fstat(stream.fileno()).st_uid
         data = stream.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise HpcrunError("record '%s' is larger than %d bytes" % (path, max_bytes))
@@ -1270,38 +1415,101 @@ def read_json_file(path, max_bytes=1 << 20):
     try:
         value = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
-        raise HpcrunError("record '%s' is not valid JSON: %s" % (path, str(error).splitlines()[0]))
+        raise HpcrunError("record '%s' is not valid JSON: %s" % (path, str(error).splitlines()[0][:200]))
+    except RecursionError:
+        raise HpcrunError("record '%s' is not valid JSON: nested too deeply" % path)
     if not isinstance(value, dict):
         raise HpcrunError("record '%s' is not a JSON object" % path)
-    return value
+    return value, owner
 
 
-RECORD_TYPES = {
-    "run_id": str, "name": str, "command": str, "work_dir": str, "host": str, "status": str,
-    "signal": str, "cause": str, "log_file": str, "timestamp": str, "started": str,
-    "exit_code": int, "pid": int, "start_time": float, "end_time": float, "duration": float,
-    "schema": int, "final": bool, "job": dict, "log_error": str, "hpcrun_version": str,
+# The fields a record may hold, by kind. Everything read from the shared file system is checked
+# field by field before use: text (str), int, number (finite int or float), bool, texts (list
+# of str), values (list of numbers; nan and inf allowed: a diverging loss), or a nested table.
+NUMBER_MAX = 1e15             # the largest number a record may hold (seconds, bytes)
+JOB_FIELDS = {
+    "scheduler": "text", "id": "id", "name": "text", "array_id": "id", "array_index": "id",
+    "partition": "text", "nodes": "text", "restart_count": "id", "end_time": "number",
+    "time_limit": "number", "output_file": "text", "outlives": "bool", "release": "text",
 }
+RECORD_FIELDS = {
+    "run_id": "text", "name": "text", "command": "text", "work_dir": "text", "host": "text",
+    "status": "text", "signal": "text", "cause": "text", "log_file": "text", "timestamp": "text",
+    "started": "text", "log_error": "text", "hpcrun_version": "text", "last_line": "text",
+    "progress": "text", "note": "text", "base_run_id": "text", "scheduler_state": "text",
+    "release": "text", "exit_code": "int", "pid": "int", "schema": "int", "seq": "int",
+    "child_returncode": "int", "log_size": "int", "author_uid": "int", "start_time": "number",
+    "end_time": "number", "duration": "number", "written_at": "number",
+    "heartbeat_interval": "number", "grace": "number", "silence": "number", "remaining": "number",
+    "since": "number", "last_heartbeat": "number", "peak_rss": "number", "wrapper_cpu": "number",
+    "wrapper_cpu_while_running": "number", "final": "bool", "test": "bool", "legacy": "bool",
+    "warnings": "texts", "job": JOB_FIELDS, "metric": {"name": "text", "values": "values"},
+    "gpus": {"visible": "text", "names": "texts"},
+}
+REMINDER_FIELDS = dict(RECORD_FIELDS, ended="number", next_check="number", sent="int",
+                       unanswered="int")
+DELIVERY_FIELDS = {"accepted": "texts", "failures": "int", "next_try": "number", "last_error": "text"}
+WATCH_FIELDS = {"seq": "int", "size": "int", "seq_at": "number", "size_at": "number"}
 
 
-def check_record(data, path):
-    """Field types of a completion record; a wrong type is an HpcrunError naming the field."""
-    for key, kind in RECORD_TYPES.items():
+def check_fields(data, fields, where):
+    """data with every known field checked (HpcrunError naming the first wrong one) and its
+    text made safe to encode (a lone surrogate from JSON would break UTF-8 output)."""
+    checked = dict(data)
+    for key, kind in fields.items():
         value = data.get(key)
         if value is None:
             continue
-        if kind is float:
-            ok = is_number(value)
-        else:
-            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if not ok:
-            raise HpcrunError("record '%s': field '%s' has the wrong type" % (path, key))
-    if data.get("status") not in STATUSES + EVENT_STATUSES:
-        raise HpcrunError("record '%s': unknown status '%s'" % (path, data.get("status")))
-    if int(data.get("schema") or 1) > SCHEMA_VERSION:
-        data["note"] = "record schema %s is newer than this hpcrun (%d)" % (data.get("schema"),
-                                                                           SCHEMA_VERSION)
-    return data
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise HpcrunError("%s: field '%s' has the wrong type" % (where, key))
+            checked[key] = check_fields(value, kind, "%s: field '%s'" % (where, key))
+            continue
+        checked[key] = check_value(value, kind)
+        if checked[key] is None:
+            raise HpcrunError("%s: field '%s' has the wrong type or is not finite" % (where, key))
+    return checked
+
+
+def check_value(value, kind):
+    """The value if it is of the kind (text cleaned, ids as text), else None."""
+    if kind == "text" or (kind == "id" and isinstance(value, str)):
+        return clean_text(value) if isinstance(value, str) else None
+    if kind == "id":
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    if kind == "int":
+        return value if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 63 else None
+    if kind == "number":  # finite, and small enough for any arithmetic on times and sizes
+        return value if is_number(value) and abs(value) <= NUMBER_MAX else None
+    if kind == "bool":
+        return value if isinstance(value, bool) else None
+    if kind == "texts":
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        return [clean_text(item) for item in value] if ok else None
+    if kind == "values":
+        return value if isinstance(value, list) and all(is_number(item) for item in value) else None
+    return None
+
+
+def clean_text(text):
+    """Text that encodes as UTF-8 (lone surrogates, which JSON allows, become U+FFFD)."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+def check_record(data, path, running=False):
+    """A record with every field checked; a wrong one is an HpcrunError naming the field."""
+    record = check_fields(data, RECORD_FIELDS, "record '%s'" % path)
+    job = record.get("job")
+    if job == {}:
+        record["job"] = None
+    elif job and not (job.get("scheduler") and job.get("id")):
+        raise HpcrunError("record '%s': field 'job' has no scheduler or id" % path)
+    if not running and record.get("status") not in STATUSES + EVENT_STATUSES:
+        raise HpcrunError("record '%s': unknown status '%s'" % (path, one_line(record.get("status"), 40)))
+    if (record.get("schema") or 1) > SCHEMA_VERSION:
+        record["note"] = "record schema %s is newer than this hpcrun (%d)" % (record.get("schema"),
+                                                                             SCHEMA_VERSION)
+    return record
 
 
 def legacy_to_record(data, work_dir, run_id):
@@ -1309,7 +1517,7 @@ def legacy_to_record(data, work_dir, run_id):
     record = {"run_id": run_id, "work_dir": work_dir, "schema": 0, "final": True,
               "name": os.path.basename(os.path.abspath(work_dir)), "legacy": True}
     exit_code = data.get("exit_code", data.get("return_code"))
-    if is_number(exit_code):
+    if check_value(exit_code, "number") is not None:
         record["exit_code"] = int(exit_code)
     status = data.get("status")
     if status not in STATUSES:
@@ -1322,7 +1530,7 @@ def legacy_to_record(data, work_dir, run_id):
     end = parse_epoch(data.get("end_time")) or parse_epoch(data.get("timestamp"))
     record.update(start_time=start, end_time=end)
     elapsed = data.get("elapsed_seconds")
-    if is_number(elapsed):
+    if check_value(elapsed, "number") is not None:
         record["duration"] = float(elapsed)
     elif start and end:
         record["duration"] = end - start
@@ -1337,18 +1545,155 @@ def parse_epoch(value):
     return None
 
 
-def claim_record(source, claimed_dir, run_id, host, pid):
-    """Rename a record into claimed/ under this monitor's name; None when another monitor won."""
-    target = os.path.join(claimed_dir, "%s.json.%s.%d" % (run_id, host, pid))
-    try:
-        os.rename(source, target)
-    except OSError as error:
-        if error.errno == errno.ENOENT and os.path.exists(target):
-            return target  # NFS: a retransmitted rename that did succeed
-        if error.errno in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
-            return None
-        raise HpcrunError("cannot claim record '%s': %s" % (source, error.strerror))
-    return target
+def valid_run_id(name):
+    """Whether a name can be a run id: it becomes part of file names under .hpcrun/."""
+    return bool(re.match(RUN_ID_RE, name)) and ".json" not in name
+
+
+def stand_in_id(filename):
+    """A valid run id for a record whose file name is not one (reported as unreadable)."""
+    import zlib
+    return "%s%08x" % (BAD_NAME_PREFIX, zlib.crc32(os.fsencode(filename)))
+
+
+def open_directory(path, dir_fd=None, create=False, shown=None):
+    """A descriptor of a real directory, never reached through a symlink; None when it does not
+    exist (and create is false)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    shown = shown or path
+    for attempt in (1, 2):
+        try:
+            return os.open(path, flags, dir_fd=dir_fd)
+        except FileNotFoundError:
+            if not create or attempt == 2:
+                return None
+            try:
+                os.mkdir(path, 0o755, dir_fd=dir_fd)
+            except FileExistsError:
+                pass
+        except OSError as error:
+            if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            what = "a symbolic link" if os.path.islink(shown) else "not a directory"
+            raise HpcrunError("'%s' is %s: refused (hpcrun never moves or deletes files through "
+                              "one; remove it)" % (shown, what))
+
+
+class StateDir(object):
+    """A work dir's .hpcrun/ and its subdirectories, held open while a monitor works on them.
+
+    Every name is resolved relative to these descriptors (openat), so a directory swapped for a
+    symlink by someone else in the group cannot redirect a move, a write, a read or a delete;
+    one that is a symlink already is refused with an error naming it."""
+
+    def __init__(self, work_dir):
+        self.work_dir = work_dir
+        self.top = open_directory(os.path.join(work_dir, STATE_DIR))
+        self.fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for fd in [self.top] + list(self.fds.values()):
+            if fd is not None:
+                os.close(fd)
+        self.top, self.fds = None, {}
+
+    def path(self, sub, name=""):
+        """The path of a name, for messages."""
+        return os.path.join(self.work_dir, STATE_DIR, *[part for part in (sub, name) if part])
+
+    def fd(self, sub, create=False):
+        """The descriptor of a subdirectory (of .hpcrun/ itself for sub ""), or None."""
+        if self.top is None:
+            if not create:
+                return None
+            self.top = open_directory(os.path.join(self.work_dir, STATE_DIR), create=True)
+        if not sub:
+            return self.top
+        if self.fds.get(sub) is None:
+            self.fds[sub] = open_directory(sub, self.top, create, self.path(sub))
+        return self.fds[sub]
+
+    def names(self, sub):
+        fd = self.fd(sub)
+        return sorted(os.listdir(fd)) if fd is not None else []
+
+    def existing_fd(self, sub):
+        """The descriptor of a subdirectory that must exist: a name is never looked up relative
+        to the current directory instead."""
+        fd = self.fd(sub)
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", self.path(sub))
+        return fd
+
+    def exists(self, sub, name):
+        fd = self.fd(sub)
+        try:
+            return fd is not None and bool(os.stat(name, dir_fd=fd, follow_symlinks=False))
+        except OSError:
+            return False
+
+    def read_json(self, sub, name):
+        """(JSON object, owner uid) of a file here; HpcrunError for anything else."""
+        fd = self.fd(sub)
+        if fd is None:
+            raise HpcrunError("cannot read record '%s': No such file or directory" % self.path(sub, name))
+        return read_json_owned(name, dir_fd=fd, shown=self.path(sub, name))
+
+    def write_json(self, sub, name, data):
+        write_json_atomic(name, data, dir_fd=self.fd(sub, create=True))
+
+    def create_marker(self, sub, name, data):
+        """Create a marker once across monitors (O_EXCL); False when it already exists."""
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=self.fd(sub, create=True))
+        except FileExistsError:
+            return False
+        try:
+            write_all(fd, json.dumps(data).encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def rename(self, sub, name, to_sub, to_name):
+        """Move a file; sub None: name is a path outside .hpcrun/ (the legacy record)."""
+        source_fd = self.existing_fd(sub) if sub is not None else None
+        os.rename(name, to_name, src_dir_fd=source_fd, dst_dir_fd=self.fd(to_sub, create=True))
+
+    def remove(self, sub, name):
+        """Remove a file quietly; True when it was there."""
+        try:
+            os.unlink(name, dir_fd=self.existing_fd(sub))
+        except OSError:
+            return False
+        return True
+
+    def age(self, sub, name, now):
+        """Seconds since a file last changed (its ctime), or 0."""
+        try:
+            return now - os.stat(name, dir_fd=self.existing_fd(sub), follow_symlinks=False).st_ctime
+        except OSError:
+            return 0
+
+    def claim(self, sub, name, run_id, host, pid):
+        """Rename a record into claimed/ under this monitor's name; None when another monitor won."""
+        target = "%s.json.%s.%d" % (run_id, host, pid)
+        try:
+            self.rename(sub, name, "claimed", target)
+        except OSError as error:
+            if error.errno == errno.ENOENT and self.exists("claimed", target):
+                return target  # NFS: a retransmitted rename that did succeed
+            if error.errno in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
+                return None
+            shown = self.path(sub, name) if sub is not None else name
+            raise HpcrunError("cannot claim record '%s': %s" % (shown, error.strerror))
+        return target
 
 
 def parse_claim_name(filename):
@@ -1361,6 +1706,9 @@ def parse_claim_name(filename):
 
 
 def pid_alive(pid):
+    """Whether a process runs (pid from a record: 0 and negatives would name process groups)."""
+    if not 0 < pid < 1 << 31:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -1818,6 +2166,7 @@ class Wrapper(object):
         self.grace = DEFAULT_GRACE
         self.cpu_at_start = self.cpu_while_running = None  # CPU seconds: the cost of wrapping
         self.relay = None
+        self.log_path = None
         self.seq = 0
         self.signals = []            # (signal number, wall time) in order of arrival
         self.warnings = []
@@ -1827,6 +2176,8 @@ class Wrapper(object):
         self.sampler = MetricSampler(config.get("report", "metric"))
         self.peak_rss = 0
         self.gpus = gpu_facts(env)
+        self.warned = set()          # warnings printed once, not once per heartbeat
+        self.subreaper = False       # orphans of the training become our children (Linux)
 
     def paths(self, sub):
         return os.path.join(state_dir(self.work_dir, sub), self.run_id + ".json")
@@ -1837,18 +2188,29 @@ class Wrapper(object):
             "name": self.name, "command": self.command, "work_dir": self.work_dir,
             "host": self.host, "pid": os.getpid(), "start_time": self.start_time,
             "started": format_local_time(self.start_time), "job": self.job,
-            "log_file": os.path.relpath(self.log_path, self.work_dir),
+            "log_file": os.path.relpath(self.log_path, self.work_dir) if self.log_path else None,
             "test": bool(getattr(self.args, "selftest", False)),
         }
 
     def start(self):
         if not os.path.isdir(self.work_dir):
             raise HpcrunError("work dir '%s' does not exist" % self.args.work_dir)
-        make_state_dirs(self.work_dir)
+        try:
+            make_state_dirs(self.work_dir)
+        except OSError as error:
+            raise HpcrunError("cannot create '%s': %s" % (os.path.join(self.work_dir, STATE_DIR),
+                                                         error.strerror or error))
         log_dir = os.path.join(self.work_dir, self.args.log_dir or self.config.get("wrap", "log_dir"))
         self.log_fd, self.log_path = open_new_log(log_dir, self.start_time, self.job)
         self.write_running()
         self.oom_before = read_cgroup_oom_kills()
+        self.subreaper = become_subreaper()
+        if self.signals:  # stopped before the training could start: it never runs
+            self.stopped.set()
+            record = self.completion_record(None, True)
+            self.write_final(record)
+            os.close(self.log_fd)
+            return record
         stdin = None if sys.stdin is not None and sys.stdin.isatty() else subprocess.DEVNULL
         try:
             self.child = subprocess.Popen(
@@ -1859,7 +2221,7 @@ class Wrapper(object):
             return self.finish_without_child("cannot start '%s': %s" % (self.command, error.strerror))
         self.cpu_at_start = own_cpu_seconds()
         enlarge_pipe(self.child.stdout.fileno())
-        self.relay = Relay(self.child.stdout.fileno(), self.log_fd, sys.stdout.fileno(), self.sampler)
+        self.relay = Relay(self.child.stdout.fileno(), self.log_fd, stdout_fd(), self.sampler)
         self.relay.start()
         threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
         return None
@@ -1886,9 +2248,22 @@ class Wrapper(object):
                 return
             self.seq += 1
             try:
-                write_json_atomic(self.paths("running"), self.running_record())
+                self.write_record("running", self.running_record())
             except OSError as error:
-                print_warning("cannot write heartbeat: %s" % (error.strerror or error))
+                self.warn_once("cannot write heartbeat: %s" % (error.strerror or error))
+
+    def write_record(self, sub, record):
+        """Write a record; state dirs removed meanwhile (a scratch purge, rm -rf) are made again."""
+        try:
+            write_json_atomic(self.paths(sub), record)
+        except FileNotFoundError:
+            make_state_dirs(self.work_dir)
+            write_json_atomic(self.paths(sub), record)
+
+    def warn_once(self, message):
+        if message not in self.warned:
+            self.warned.add(message)
+            print_warning(message)
 
     def heartbeat(self):
         """Sample the training's memory every few seconds; rewrite the running record every interval."""
@@ -1898,6 +2273,8 @@ class Wrapper(object):
         recheck_before = self.config.get("notify", "time_limit_margin") + 2 * interval
         while not self.stopped.wait(step):
             self.peak_rss = max(self.peak_rss, tree_rss(self.child.pid) if self.child else 0)
+            if self.subreaper:
+                reap_orphans(self.child.pid)
             if time.monotonic() >= next_beat:
                 next_beat += interval
                 self.recheck_end_time(recheck_before)
@@ -1931,14 +2308,18 @@ class Wrapper(object):
         if self.stopped.is_set():
             return
         if len(self.signals) == 1:
-            self.write_completion(final=False)
+            # the forward and the kill come whatever happens to the record: never an orphan
             threading.Thread(target=self.forward_and_wait, args=(number,), daemon=True).start()
+            try:
+                self.write_completion(final=False)
+            except OSError as error:
+                self.warn_once("cannot write the provisional record: %s" % (error.strerror or error))
         elif self.child and self.child.returncode is None:
             signal_tree(self.child.pid, number if len(self.signals) == 2 else signal.SIGKILL)
 
     def forward_and_wait(self, number):
         """Forward once to a training still alive after a second, then kill it after the grace."""
-        if self.child_exits_within(FORWARD_DELAY):
+        if self.child is None or self.child_exits_within(FORWARD_DELAY):
             return
         if not (number == signal.SIGINT and terminal_delivered_sigint()):
             signal_tree(self.child.pid, number)
@@ -1962,11 +2343,18 @@ class Wrapper(object):
         return returncode
 
     def drain(self):
-        """Let the relay finish what the training wrote; stop when its pipe goes idle (orphans)."""
-        seen = -1
-        while self.relay.is_alive() and self.relay.bytes != seen:
-            seen = self.relay.bytes
-            self.relay.join(DRAIN_IDLE)
+        """Let the relay finish what the training wrote: until its pipe is idle for DRAIN_IDLE,
+        DRAIN_MAX at most (a daemon grandchild may hold the pipe open and write for ever), and
+        not at all once a signal came (the job is being stopped)."""
+        started = idle_since = time.monotonic()
+        seen = self.relay.bytes
+        while self.relay.is_alive() and not self.signals:
+            now = time.monotonic()
+            if self.relay.bytes != seen:
+                seen, idle_since = self.relay.bytes, now
+            if now - idle_since >= DRAIN_IDLE or now - started >= DRAIN_MAX:
+                break
+            self.relay.join(DRAIN_STEP)
 
     def completion_record(self, returncode, final):
         signals = [(n, t) for n, t in self.signals if t <= (self.child_exit_time or t)]
@@ -1996,25 +2384,166 @@ class Wrapper(object):
         record = self.completion_record(returncode, final)
         if not final:
             record["grace"] = self.grace
-        write_json_atomic(self.paths("done"), record)
+        self.write_record("done", record)
         return record
 
     def finish(self, returncode):
         self.stopped.set()
         with self.lock:
-            record = self.write_completion(final=True, returncode=returncode)
-            remove_quietly(self.paths("running"))
-        os.close(self.log_fd)
+            record = self.completion_record(returncode, final=True)
+            self.write_final(record)
+        if self.subreaper:
+            kill_leftovers(self.child.pid)
+        if not self.relay.is_alive():
+            os.close(self.log_fd)  # else a grandchild still writes: the log stays open until we exit
         return record
 
     def finish_without_child(self, reason):
         self.stopped.set()
         record = self.completion_record(127, True)
         record.update(status="failed", exit_code=127, cause="start_failed", log_error=reason)
-        write_json_atomic(self.paths("done"), record)
-        remove_quietly(self.paths("running"))
+        self.write_final(record)
         os.close(self.log_fd)
         return record
+
+    def write_final(self, record):
+        """The completion record, however full the disk: the whole record (tried twice), a
+        smaller one, and last the smaller one written over the running record in place (its
+        blocks are allocated already) and renamed into done/. One warning when that was needed;
+        if nothing can be written the running record stays, and the run is reported lost."""
+        small = small_record(record)
+        attempts = ((record, None), (record, FINAL_RETRY_DELAY), (small, None))
+        errors = []
+        for data, delay in attempts:
+            if delay:
+                time.sleep(delay)
+            try:
+                self.write_record("done", data)
+            except OSError as error:
+                errors.append(error.strerror or str(error))
+                continue
+            remove_quietly(self.paths("running"))
+            if data is small:
+                print_warning("cannot write the completion record (%s): wrote a smaller one" % errors[0])
+            return True
+        try:
+            overwrite_in_place(self.paths("running"), small, self.paths("done"))
+        except OSError as error:
+            print_warning("cannot write the completion record (%s; %s): the monitor will report this "
+                          "run as lost" % (errors[0], error.strerror or error))
+            return False
+        print_warning("cannot write the completion record (%s): wrote a smaller one over the "
+                      "heartbeat record" % errors[0])
+        return True
+
+
+def small_record(record):
+    """The completion record without what a full disk cannot take: the ending and its times."""
+    small = {key: record.get(key) for key in (
+        "schema", "hpcrun_version", "run_id", "name", "work_dir", "host", "pid", "start_time",
+        "started", "end_time", "timestamp", "duration", "status", "exit_code", "signal", "cause",
+        "final", "log_file", "log_error", "test")}
+    small["note"] = "smaller completion record: the disk was full"
+    return small
+
+
+def overwrite_in_place(running_path, record, done_path):
+    """Write record over the running record's own bytes, padded with spaces to its size (no new
+    block is needed), then rename it to done_path. OSError when it does not fit or fails."""
+    payload = json.dumps(record, ensure_ascii=True, sort_keys=True).encode("ascii")
+    fd = os.open(running_path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        size = os.fstat(fd).st_size
+        if len(payload) > size:
+            raise OSError(errno.ENOSPC, "no room: the heartbeat record is smaller than the record")
+        write_all(fd, payload + b" " * (size - len(payload)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(running_path, done_path)
+    fsync_dir(os.path.dirname(done_path))
+
+
+def become_subreaper():
+    """Make the training's orphans (children of a process that exited: 'cmd &' in its script)
+    our children, so that they can be found and stopped at its end (Linux 3.4+; best effort)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
+def process_status(pid):
+    """(state letter, parent pid, process group) of a process from /proc, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stream:
+            fields = stream.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode("ascii"), int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def reap_orphans(training_pid):
+    """Collect the exit status of orphans that died as our children (they would stay zombies);
+    never the training's, which its Popen waits for."""
+    me = os.getpid()
+    for entry in list_dir("/proc"):
+        if entry.isdigit() and int(entry) != training_pid:
+            status = process_status(int(entry))
+            if status and status[0] == "Z" and status[1] == me:
+                try:
+                    os.waitpid(int(entry), os.WNOHANG)
+                except OSError:
+                    pass
+
+
+def kill_leftovers(training_pid, grace=LEFTOVER_GRACE):
+    """Processes the training left running in our process group ('cmd &' in its script) get
+    SIGTERM, then SIGKILL after grace seconds, as a scheduler stops a finished job's step. A
+    process that left the group on purpose (setsid: a daemon) is left alone."""
+    group, left = os.getpgrp(), []
+    for pid in descendants(os.getpid()):
+        status = process_status(pid)
+        if pid != training_pid and status and status[0] != "Z" and status[2] == group:
+            left.append(pid)
+    for number in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, number)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while left and time.monotonic() < deadline:
+            reap_orphans(training_pid)
+            left = [pid for pid in left if process_running(pid)]
+            time.sleep(0.02)
+        if not left:
+            break
+    reap_orphans(training_pid)
+
+
+def stdout_fd():
+    """The descriptor of our stdout, or None when it is closed (cron: >&-)."""
+    try:
+        return sys.stdout.fileno() if sys.stdout is not None else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def reserve_std_fds():
+    """Started with stdin, stdout or stderr closed: put /dev/null there, so that no file we
+    open (the log, a record) gets descriptor 0, 1 or 2 and receives stray output."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
 
 
 def signal_warning(name, now, end_time):
@@ -2211,41 +2740,105 @@ def format_bytes(count):
         count /= 1024.0
 
 
-def read_log_lines(record, work_dir, messages):
+def user_label(uid):
+    """'alice (uid 1000)', or 'uid 1000' for a uid this host cannot name."""
+    import pwd
+    try:
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except (KeyError, OverflowError):
+        return "uid %d" % uid
+
+
+def is_within(path, root):
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def foreign_symlink(path, uid):
+    """The first symlink on the way to path that belongs to neither uid nor root, or None."""
+    current = os.sep
+    for part in os.path.abspath(path).split(os.sep)[1:]:
+        current = os.path.join(current, part)
+        try:
+            info = os.lstat(current)
+        except OSError:
+            return None
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (uid, 0):
+            return current
+    return None
+
+
+def open_named_file(name, work_dir, roots, author_uid, uid=None):
+    """A file a record names (its log, the job's output file), opened only when showing it is
+    safe: the record's author is this user, no symlink of another user leads there, it is a
+    regular file, and it lies in the work dir or log dir or belongs to this user. Anyone in a
+    group-writable project dir can plant a record naming ~/.ssh/id_ed25519; UnsafeFile says why
+    not."""
+    uid = os.geteuid() if uid is None else uid
+    if author_uid is not None and author_uid != uid:
+        raise UnsafeFile("the record was written by %s, files it names are not read" % user_label(author_uid))
+    path = os.path.join(work_dir, name)
+    link = foreign_symlink(path, uid)
+    if link:
+        raise UnsafeFile("'%s' is a symbolic link of %s" % (link, user_label(os.lstat(link).st_uid)))
+    real = os.path.realpath(path)
+    if os.path.islink(real):
+        raise UnsafeFile("a symbolic link loop")
+    stream = open_regular_file(real, follow=False)
+    owner = os.fstat(stream.fileno()).st_uid
+    if owner != uid and not any(is_within(real, os.path.realpath(root)) for root in roots):
+        stream.close()
+        raise UnsafeFile("outside the work dir and owned by %s" % user_label(owner))
+    return stream
+
+
+def read_named_tail(record, name, work_dir, line_count, roots, uid=None):
+    """The last cleaned lines of a file a record names, under open_named_file's rules."""
+    with open_named_file(name, work_dir, roots, record.get("author_uid"), uid) as stream:
+        return read_tail(stream, line_count)
+
+
+def named_file_roots(config, work_dir):
+    """Where the files a record names may lie whoever owns them: the work dir and the log dir."""
+    return [work_dir, os.path.join(work_dir, str(config.get("wrap", "log_dir") or "logs"))]
+
+
+def read_log_lines(record, work_dir, messages, roots, uid=None):
     """Up to CLASSIFY_LINES cleaned lines from the end of the run's log, or ([], why not)."""
     log_file = record.get("log_file")
     if not log_file:
         return [], None
     try:
-        lines = read_tail(os.path.join(work_dir, log_file), CLASSIFY_LINES)
-    except OSError as error:
-        return [], messages["no_log"].format(reason=error.strerror or error)
-    return [mask_secrets(line) for line in lines], None if lines else messages["no_log"].format(reason="empty")
+        lines = read_named_tail(record, log_file, work_dir, CLASSIFY_LINES, roots, uid)
+    except (OSError, HpcrunError) as error:
+        return [], messages["no_log"].format(reason=getattr(error, "strerror", None) or error)
+    lines = [mask_secrets(line) for line in mask_key_blocks(lines)]
+    return lines, None if lines else messages["no_log"].format(reason="empty")
 
 
-def scheduler_output_lines(record):
+def scheduler_output_lines(record, work_dir, roots, uid=None):
     """The end of the job's own output file (slurm-%j.out), where the scheduler writes why it killed."""
-    path = (record.get("job") or {}).get("output_file") if isinstance(record.get("job"), dict) else None
+    path = (record.get("job") or {}).get("output_file")
     if not path or record.get("status") not in ("lost", "killed", "terminated"):
         return []
     try:
-        return read_tail(path, 50)
-    except OSError:
+        return [mask_secrets(line) for line in mask_key_blocks(read_named_tail(record, path, work_dir, 50, roots, uid))]
+    except (OSError, HpcrunError):
         return []
 
 
-def resolve_cause(record, lines):
-    """(cause, the log line that shows it): the ending's facts first, then the log."""
+def resolve_cause(record, lines, scheduler_lines=()):
+    """(cause, the log line that shows it): the ending's facts first, then the log; the
+    scheduler's own output file (scheduler_lines) may say why it stopped a job."""
     recorded = record.get("cause")
     if record.get("status") not in ("failed", "killed", "terminated", "lost"):
         return None, None
     if recorded == "cancelled":  # the scheduler's output file may say why: preemption, time limit
-        cause, line = classify_log(scheduler_output_lines(record))
+        cause, line = classify_log(list(scheduler_lines))
         if cause in ("preempted", "time_limit", "node_fail"):
             return cause, line
     if recorded in TRUSTED_CAUSES:
         return recorded, None
-    cause, line = classify_log(scheduler_output_lines(record) + lines)
+    cause, line = classify_log(list(scheduler_lines) + lines)
     if cause:
         return cause, line
     return (recorded if recorded not in ("exit_code", "unknown") else None), None
@@ -2265,7 +2858,7 @@ def job_summary(job, duration, messages):
         parts.append("%s %s" % (messages["job_partition"], job["partition"]))
     if job.get("nodes"):
         parts.append("%s %s" % (messages["job_nodes"], job["nodes"]))
-    if job.get("time_limit"):
+    if (job.get("time_limit") or 0) >= 1:
         used = int(round(100.0 * (duration or 0) / job["time_limit"]))
         parts.append(messages["job_limit"].format(limit=format_duration(job["time_limit"]), used=used))
     return " · ".join(parts)
@@ -2283,13 +2876,13 @@ def gpu_summary(gpus):
     return text or None
 
 
-def report_fields(record, lines, messages):
+def report_fields(record, lines, messages, scheduler_lines=()):
     """Every named field a report (and a [report] template) can show."""
     duration = record.get("duration")
     if duration is None and record.get("start_time") and record.get("end_time"):
         duration = record["end_time"] - record["start_time"]
     job = record.get("job") if isinstance(record.get("job"), dict) else {}
-    cause, cause_line = resolve_cause(record, lines)
+    cause, cause_line = resolve_cause(record, lines, scheduler_lines)
     return {
         "name": record.get("name") or record.get("run_id") or "?", "run_id": record.get("run_id") or "",
         "status": record.get("status") or "unknown", "cause": cause or "", "cause_line": cause_line,
@@ -2300,7 +2893,7 @@ def report_fields(record, lines, messages):
         "progress": parse_progress(lines[-200:]) or record.get("progress") or "",
         "metric": metric_line(record) or "",
         "work_dir": record.get("work_dir") or "", "log_file": record.get("log_file") or "",
-        "command": one_line(mask_secrets(record.get("command") or ""), 300),
+        "command": mask_secrets(one_line(record.get("command") or "", 300)),
         "start": format_local_time(record["start_time"]) if record.get("start_time") else "",
         "end": format_local_time(record["end_time"]) if record.get("end_time") else "",
         "peak_memory": format_bytes(record["peak_rss"]) if record.get("peak_rss") else "",
@@ -2312,18 +2905,24 @@ def report_fields(record, lines, messages):
     }
 
 
-def build_report(record, config, work_dir):
-    """The report of a record, in the configured language: title, header, log tail."""
+def build_report(record, config, work_dir, uid=None):
+    """The report of a record, in the configured language: title, header, log tail.
+
+    uid: the user the monitor runs as; files the record names are read as open_named_file allows."""
     language = config.get("notify", "language")
     messages = MESSAGES[language]
     status = record.get("status") if record.get("status") in STATUSES + EVENT_STATUSES else "unknown"
-    lines, log_note = read_log_lines(record, work_dir, messages)
-    fields = report_fields(record, lines, messages)
+    roots = named_file_roots(config, work_dir)
+    lines, log_note = read_log_lines(record, work_dir, messages, roots, uid)
+    fields = report_fields(record, lines, messages, scheduler_output_lines(record, work_dir, roots, uid))
     title = fill_report_template(config, "title_template", fields) or report_title(status, fields, messages)
     if record.get("test"):
         title = messages["test_prefix"] + title
     header = fill_report_template(config, "header_template", fields)
     header = header.splitlines() if header else report_header(record, messages, status, fields)
+    author = record.get("author_uid")
+    if author is not None and author != (os.geteuid() if uid is None else uid):
+        header.append(messages["foreign_author"].format(user=user_label(author)))
     line_count = config.get("report", "include_last_n_lines")
     tail = lines[-line_count:] if line_count else []
     tail = [messages["tail_header"].format(n=len(tail))] + tail if tail else ([log_note] if log_note else [])
@@ -2387,7 +2986,8 @@ def report_header(record, messages, status, fields):
         ("field_scheduler", record.get("scheduler_state")),
         ("field_last_heartbeat", format_local_time(record["last_heartbeat"])
          if record.get("last_heartbeat") else None),
-        ("field_last_line", mask_secrets(record.get("last_line") or "") if status in EVENT_STATUSES else None),
+        ("field_last_line", mask_secrets(one_line(record.get("last_line") or "", LINE_MAX_CHARS))
+         if status in EVENT_STATUSES else None),
         ("field_time_left", fields["remaining"] if status == "time_limit_warning" else None),
         ("field_release", record.get("release") if status == "release_reminder" else None),
         ("field_start", fields["start"]),
@@ -2418,44 +3018,142 @@ def test_report(config, channel):
 
 # --- channels: one small sender each, one shared HTTP helper ---
 
-def http_request(url, data, settings, secrets, headers=None, method="POST"):
-    """Send one request; (status, body bytes, headers) for any HTTP answer. No redirect is followed.
+class Deadline(object):
+    """One push bounded as a whole: [CHANNEL] timeout seconds however slowly the service
+    answers (a socket timeout bounds each read only), and cut at once when the monitor is
+    told to stop. A watchdog thread shuts the push's sockets down; the read blocked on them
+    returns and the push fails."""
 
-    Proxies come from the environment as urllib does; certificates are always checked, against
-    the system's authorities (and SSL_CERT_FILE) plus [notify] ca_file when set."""
+    def __init__(self, seconds, stop=None):
+        self.seconds = seconds
+        self.expires = time.monotonic() + seconds
+        self.stop = stop
+        self.sockets = []
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.expired = self.stopped = False
+
+    def __enter__(self):
+        threading.Thread(target=self.run, name="deadline", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.finished.set()
+
+    def run(self):
+        while True:
+            left = max(0.0, self.expires - time.monotonic())
+            if self.finished.wait(left if self.stop is None else min(left, DEADLINE_STEP)):
+                return
+            if self.stop is not None and self.stop.is_set():
+                self.stopped = True
+            elif time.monotonic() >= self.expires:
+                self.expired = True
+            else:
+                continue
+            self.cut()
+            return
+
+    def watch(self, sock):
+        """A socket of this push, to shut down when the deadline passes or the monitor stops."""
+        with self.lock:
+            self.sockets.append(sock)
+        if self.expired or self.stopped:
+            self.cut()
+
+    def cut(self):
+        import socket
+        with self.lock:
+            sockets = list(self.sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def check(self):
+        """After a failed push: Stopped when the monitor was told to stop, a timed-out
+        ChannelError when the deadline passed, else nothing."""
+        if self.stopped or (self.stop is not None and self.stop.is_set()):
+            raise Stopped()
+        if self.expired or time.monotonic() >= self.expires:
+            raise ChannelError("no answer within %gs" % self.seconds, timed_out=True)
+
+
+def request_handlers(deadline, context):
+    """urllib handlers: no redirect is followed, and every connection hands its socket to the
+    deadline's watchdog."""
     import http.client
-    import socket
-    import urllib.error
     import urllib.request
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req, fp, code, msg, hdrs, newurl):
             return None
 
+    def watched(base):
+        class Connection(base):
+            def connect(self):
+                base.connect(self)
+                deadline.watch(self.sock)
+        return Connection
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=context)
+
+    return [NoRedirect(), HTTPHandler(), HTTPSHandler(context=context)]
+
+
+def http_request(url, data, settings, secrets, headers=None, method="POST"):
+    """Send one request; (status, body bytes, headers) for any HTTP answer. No redirect is followed.
+
+    Proxies come from the environment as urllib does; certificates are always checked, against
+    the system's authorities (and SSL_CERT_FILE) plus [notify] ca_file when set. The request as
+    a whole ends within settings' timeout (settings["deadline"], or a deadline of its own)."""
+    import http.client
+    import urllib.error
+    import urllib.request
     timeout = float(settings.get("timeout") or 10)
-    handlers = [NoRedirect]
-    if settings.get("ca_file"):
-        handlers.append(urllib.request.HTTPSHandler(context=tls_context(settings["ca_file"])))
+    deadline = settings.get("deadline")
+    if deadline is None:
+        with Deadline(timeout) as deadline:
+            return http_request(url, data, dict(settings, deadline=deadline), secrets, headers, method)
+    context = tls_context(settings["ca_file"]) if settings.get("ca_file") else None
     try:
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("User-Agent", USER_AGENT)
         for key, value in (headers or {}).items():
             request.add_header(key, value)
-        with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as response:
+        opener = urllib.request.build_opener(*request_handlers(deadline, context))
+        with opener.open(request, timeout=timeout) as response:
             return response.status, response.read(1 << 20), response.headers
     except urllib.error.HTTPError as error:
         try:
             body = error.read(1 << 20)
         except (OSError, http.client.HTTPException):
+            deadline.check()
             body = b""
         return error.code, body, error.headers
-    except urllib.error.URLError as error:
-        raise ChannelError(redact("cannot connect: %s" % (error.reason,), secrets))
-    except socket.timeout:
-        raise ChannelError("no answer within %gs" % timeout)
     except (OSError, ValueError, http.client.HTTPException) as error:
-        raise ChannelError(redact("request failed: %s" % (error.__class__.__name__ + (
-            ": %s" % error if str(error) else "")), secrets))
+        raise request_failure(error, timeout, deadline, secrets)
+
+
+def request_failure(error, timeout, deadline, secrets):
+    """The ChannelError of a request that got no HTTP answer (Stopped when the monitor stops)."""
+    import socket
+    import urllib.error
+    deadline.check()
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, socket.timeout):
+        return ChannelError("no answer within %gs" % timeout, timed_out=True)
+    if isinstance(error, urllib.error.URLError):
+        return ChannelError(redact("cannot connect: %s" % (error.reason,), secrets))
+    return ChannelError(redact("request failed: %s" % (error.__class__.__name__ + (
+        ": %s" % error if str(error) else "")), secrets))
 
 
 def http_post_json(url, payload, settings, secrets, headers=None):
@@ -2904,12 +3602,17 @@ def send_email(settings, report, secrets=()):
     recipients = parse_list(settings["to"])
     if not sender:
         raise ChannelError("[email] from is not set and there is no user to send as", retryable=False)
+    deadline = settings.get("deadline")
     try:
         with open_smtp(settings) as smtp:
+            if deadline is not None:
+                deadline.watch(smtp.sock)
             if settings.get("user"):
                 smtp.login(settings["user"], settings.get("password") or "")
             smtp.sendmail(sender, recipients, email_message(report, sender, recipients).as_string())
     except (smtplib.SMTPException, OSError) as error:
+        if deadline is not None:
+            deadline.check()
         failure = smtp_failure(error, float(settings.get("timeout") or 10))
         raise ChannelError(redact(str(failure), secrets), failure.retryable)
 
@@ -2943,13 +3646,16 @@ def ca_file_path(config):
     return os.path.join(base, os.path.expanduser(value))
 
 
-def send_report(name, kind, settings, report, config):
-    """Send through one channel; ChannelError with the service's own words on failure."""
-    settings = dict(settings, ca_file=ca_file_path(config))
-    try:
-        SENDERS[kind](settings, report, config.secrets)
-    except ChannelError as error:
-        raise ChannelError(redact(str(error), config.secrets), error.retryable, error.retry_after)
+def send_report(name, kind, settings, report, config, stop=None):
+    """Send through one channel within its timeout; ChannelError with the service's own words
+    on failure, Stopped when stop is set meanwhile (SIGTERM to the monitor)."""
+    with Deadline(float(settings.get("timeout") or 10), stop) as deadline:
+        settings = dict(settings, ca_file=ca_file_path(config), deadline=deadline)
+        try:
+            SENDERS[kind](settings, report, config.secrets)
+        except ChannelError as error:
+            raise ChannelError(redact(str(error), config.secrets), error.retryable, error.retry_after,
+                               error.timed_out)
 
 
 # --- monitor: scan, decide, deliver ---
@@ -2959,6 +3665,8 @@ def query_scheduler(job, runner=subprocess.run):
     if not isinstance(job, dict) or not job.get("id"):
         return None
     job_id = str(job["id"])
+    if not re.match(JOB_ID_RE, job_id):
+        return None  # from a record: an argument, never an option of the scheduler's command
     scheduler = job.get("scheduler")
     if scheduler == "slurm":
         return parse_scontrol_job(run_quietly(["scontrol", "show", "job", job_id], runner)) or \
@@ -3039,30 +3747,25 @@ def describe_verdict(verdict):
     return ", ".join(parts)
 
 
-def event_record(running, status, **details):
-    """A report-only record about a run that has not ended (lost, recovered, stalled, resumed)."""
+def event_record(running, run_id, status, author_uid, **details):
+    """A report-only record about a run that has not ended (lost, recovered, stalled, resumed).
+
+    run_id is the run's file name, never a field of the record; author_uid is who wrote the
+    running record, so that the report reads only what that user could read."""
     record = {key: running.get(key) for key in (
         "name", "command", "work_dir", "host", "pid", "start_time", "started", "job", "log_file")}
     record.update(schema=SCHEMA_VERSION, hpcrun_version=__version__, status=status, final=True,
-                  run_id="%s~%s" % (running.get("run_id"), status), base_run_id=running.get("run_id"),
+                  run_id="%s~%s" % (run_id, status), base_run_id=run_id, author_uid=author_uid,
                   last_heartbeat=running.get("written_at"), last_line=running.get("last_line"),
                   timestamp=format_local_time(time.time()))
     record.update(details)
     return record
 
 
-def create_marker(path, data):
-    """Create a marker once across monitors (O_EXCL); False when it already exists."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        write_all(fd, json.dumps(data).encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
+def broken_record(run_id, work_dir, note):
+    """The stand-in report of a record that cannot be read or reported as it is."""
+    return {"run_id": run_id, "name": run_id, "status": "unknown", "final": True,
+            "work_dir": work_dir, "note": note}
 
 
 def boot_id():
@@ -3073,27 +3776,50 @@ def boot_id():
         return None
 
 
+def nobody_uids():
+    """The uids NFSv4 maps an owner it cannot name to (nobody, nfsnobody)."""
+    import pwd
+    uids = {65534, 4294967294}
+    for name in ("nobody", "nfsnobody"):
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            pass
+    return uids
+
+
 class Monitor(object):
-    """Finds completion records in the work dirs and delivers each to every channel once."""
+    """Finds completion records in the work dirs and delivers each to every channel once.
+
+    Anything under a work dir's .hpcrun/ may have been written by someone else in the group:
+    file names come from listings and are checked (valid_run_id), contents field by field
+    (check_record), directories are held open (StateDir), and the files a record names are read
+    only as open_named_file allows."""
 
     def __init__(self, config, channels, log, now=time.time, clock=time.monotonic,
-                 scheduler=query_scheduler):
+                 scheduler=query_scheduler, stop=None, persist_watches=False):
         self.config = config
         self.channels = channels
         self.log = log
         self.now = now
         self.clock = clock
         self.scheduler = scheduler
+        self.stop = stop              # set by SIGTERM or SIGINT: a push under way is cut at once
+        self.persist_watches = persist_watches  # --once: keep what was seen on disk between runs
         self.host = host_name()
         self.pid = os.getpid()
+        self.uid = os.geteuid()
         self.watches = {}            # run_id -> what this monitor saw of its heartbeat, when
-        self.persist_watches = False  # --once: keep them on disk between runs
         self.dir_errors = {}         # work dir -> its last error, logged once until it changes
+        self.noted = set()           # problems of running records, logged once per monitor
+        self.timed_out = set()       # channels that timed out in this pass: not tried again in it
+        self.bad_names = {}          # stand-in run id -> the record's file name
         self.events = parse_events(config)
 
     def poll(self, work_dirs):
         """One pass over every work dir: (delivered, failed, pending) counts."""
         totals = [0, 0, 0]
+        self.timed_out = set()
         for work_dir in work_dirs:
             try:
                 counts = self.poll_dir(work_dir)
@@ -3114,351 +3840,258 @@ class Monitor(object):
         """(delivered, failed, pending) for one work dir; one bad record never stops the others."""
         if not os.path.isdir(work_dir):
             raise HpcrunError("work dir '%s' is not a directory" % work_dir)
-        counts = {"delivered": 0, "failed": 0, "pending": 0}
-        self.watch_dir(work_dir)
-        self.check_reminders(work_dir)
-        items, counts["pending"] = self.claim_all(work_dir)
-        return self.deliver_all(work_dir, items, counts)
+        with StateDir(work_dir) as state:
+            for sub in ALL_STATE_SUBDIRS:
+                state.fd(sub)          # a subdirectory that is a symlink refuses the whole dir
+            counts = {"delivered": 0, "failed": 0, "pending": 0}
+            self.watch_dir(state)
+            self.check_reminders(state)
+            items, counts["pending"] = self.claim_all(state)
+            return self.deliver_all(state, items, counts)
 
-    def deliver_all(self, work_dir, items, counts):
+    def note_once(self, message):
+        if message not in self.noted:
+            self.noted.add(message)
+            self.log(message)
+
+    def log_exception(self, what):
+        """A failure no check foresaw (a bug): its traceback, secrets masked, so that it can be
+        found; the monitor goes on with the other runs."""
+        import traceback
+        secrets = self.config.secrets
+        self.log("error: %s: %s" % (what, redact(one_line(traceback.format_exc().splitlines()[-1], 300),
+                                                 secrets)))
+        for line in traceback.format_exc().rstrip().splitlines():
+            self.log("  " + redact(line, secrets))
+
+    # --- delivery: claim, load, push, retry, archive ---
+
+    def deliver_all(self, state, items, counts):
         for run_id, claimed in items:
             try:
-                result = self.handle(work_dir, run_id, claimed)
+                result = self.handle(state, run_id, claimed)
+            except Stopped:
+                self.release(state, run_id, claimed)
+                raise
             except (HpcrunError, OSError) as error:
                 self.log("error: %s: %s" % (run_id, redact(error, self.config.secrets)))
                 result = "failed"
+            except Exception:  # a bug must not cost this run its report, nor the others theirs
+                self.log_exception("cannot report %s" % run_id)
+                result = self.deliver_broken(state, run_id, claimed)
             counts[result] += 1
         return counts["delivered"], counts["failed"], counts["pending"]
 
-    def claim_all(self, work_dir):
+    def deliver_broken(self, state, run_id, claimed):
+        record = broken_record(run_id, state.work_dir, "hpcrun could not build this report "
+                               "(an error in hpcrun: its monitor log has the details)")
+        try:
+            return self.deliver(state, run_id, claimed, record)
+        except Stopped:
+            self.release(state, run_id, claimed)
+            raise
+        except Exception:  # the report of last resort failed too: keep the record for later
+            self.log_exception("cannot report %s" % run_id)
+            self.release(state, run_id, claimed)
+            return "failed"
+
+    def claim_all(self, state):
         """Claim every record due for delivery: abandoned claims, legacy and new records.
 
         Returns the claims and how many records wait for a later retry."""
-        claimed_dir = state_dir(work_dir, "claimed")
-        items = self.take_over_claims(work_dir)
-        legacy = os.path.join(work_dir, LEGACY_RECORD)
-        if os.path.lexists(legacy) or list_dir(state_dir(work_dir, "done")):
-            os.makedirs(claimed_dir, exist_ok=True)
+        items = self.take_over_claims(state)
+        legacy = os.path.join(state.work_dir, LEGACY_RECORD)
         if os.path.lexists(legacy):
             run_id = "legacy-" + time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(2).hex()
-            target = claim_record(legacy, claimed_dir, run_id, self.host, self.pid)
+            target = state.claim(None, legacy, run_id, self.host, self.pid)
             if target:
                 items.append((run_id, target))
         waiting = 0
-        done_dir = state_dir(work_dir, "done")
-        for filename in list_dir(done_dir):
+        for filename in state.names("done"):
             if not filename.endswith(".json") or filename.startswith("."):
                 continue
             run_id = filename[:-5]
-            if not self.due(work_dir, run_id):
+            if not valid_run_id(run_id):
+                run_id = stand_in_id(filename)
+                self.bad_names[run_id] = filename
+            if not self.due(state, run_id):
                 waiting += 1
                 continue
-            if self.provisional_held(os.path.join(done_dir, filename)):
+            if self.provisional_held(state, filename):
                 continue
-            target = claim_record(os.path.join(done_dir, filename), claimed_dir, run_id,
-                                  self.host, self.pid)
+            target = state.claim("done", filename, run_id, self.host, self.pid)
             if target:
                 items.append((run_id, target))
         return items, waiting
 
-    def provisional_held(self, path):
+    def provisional_held(self, state, filename):
         """A provisional record (written on the first signal) waits while its wrapper may still
         replace it with the final one: on this host while the wrapper lives, elsewhere for its
         grace plus a margin for NFS."""
         try:
-            record = read_json_file(path)
+            record = check_record(state.read_json("done", filename)[0], filename)
         except HpcrunError:
             return False
         if record.get("final") is not False:
             return False
-        if record.get("host") == self.host and isinstance(record.get("pid"), int):
-            return pid_alive(record["pid"]) and self.now() < (record.get("end_time") or 0) + 3600
-        hold = float(record.get("grace") or DEFAULT_GRACE) + FORWARD_DELAY + PROVISIONAL_MARGIN
-        return self.now() < float(record.get("end_time") or 0) + hold
+        end_time = record.get("end_time") or 0
+        if end_time > self.now() + PROVISIONAL_MARGIN:
+            return False  # an end in the future: not a record to wait for
+        if record.get("host") == self.host and record.get("pid") is not None:
+            return pid_alive(record["pid"]) and self.now() < end_time + 3600
+        hold = (record.get("grace") or DEFAULT_GRACE) + FORWARD_DELAY + PROVISIONAL_MARGIN
+        return self.now() < end_time + min(hold, 3600)
 
     def deliver_one(self, work_dir, run_id):
         """Deliver one run's record now (run mode): (delivered, failed, pending)."""
-        claimed = claim_record(os.path.join(state_dir(work_dir, "done"), run_id + ".json"),
-                               state_dir(work_dir, "claimed"), run_id, self.host, self.pid)
-        items = [(run_id, claimed)] if claimed else []
-        return self.deliver_all(work_dir, items, {"delivered": 0, "failed": 0, "pending": 0})
+        with StateDir(work_dir) as state:
+            claimed = state.claim("done", run_id + ".json", run_id, self.host, self.pid)
+            items = [(run_id, claimed)] if claimed else []
+            return self.deliver_all(state, items, {"delivered": 0, "failed": 0, "pending": 0})
 
-    def take_over_claims(self, work_dir):
+    def take_over_claims(self, state):
         """Claims left by a monitor that died: on this host at once, elsewhere after claim_timeout."""
-        claimed_dir = state_dir(work_dir, "claimed")
         items = []
-        for filename in list_dir(claimed_dir):
+        for filename in state.names("claimed"):
             parsed = parse_claim_name(filename)
-            if not parsed:
+            if not parsed or not valid_run_id(parsed[0]):
                 continue
             run_id, host, pid = parsed
-            path = os.path.join(claimed_dir, filename)
             if host == self.host and (pid == self.pid or not pid_alive(pid)):
                 abandoned = True
             else:
-                abandoned = self.claim_age(path) > self.config.get("monitor", "claim_timeout")
+                abandoned = self.claim_age(state, filename) > self.config.get("monitor", "claim_timeout")
             if abandoned:
-                target = claim_record(path, claimed_dir, run_id, self.host, self.pid)
+                target = state.claim("claimed", filename, run_id, self.host, self.pid)
                 if target:
                     items.append((run_id, target))
         return items
 
-    def claim_age(self, path):
-        try:
-            return self.now() - os.lstat(path).st_ctime
-        except OSError:
-            return 0
+    def claim_age(self, state, filename):
+        return state.age("claimed", filename, self.now())
 
-    def due(self, work_dir, run_id):
-        state = read_delivery_state(work_dir, run_id)
-        return state.get("next_try", 0) <= self.now()
+    def due(self, state, run_id):
+        return (read_delivery_state(state, run_id).get("next_try") or 0) <= self.now()
 
-    def handle(self, work_dir, run_id, claimed):
-        record = self.load(work_dir, run_id, claimed)
+    def handle(self, state, run_id, claimed):
+        return self.deliver(state, run_id, claimed, self.load(state, run_id, claimed))
+
+    def deliver(self, state, run_id, claimed, record):
+        """Push a claimed record's report to every channel that has not accepted it yet."""
         if not self.wanted(record):
-            self.archive(work_dir, run_id, claimed, record, sent=False)
+            self.archive(state, run_id, claimed, record, sent=False)
             return "delivered"
-        report = build_report(record, self.config, work_dir)
-        state = read_delivery_state(work_dir, run_id)
-        accepted = set(state.get("accepted", []))
+        report = build_report(record, self.config, state.work_dir, self.uid)
+        delivery = read_delivery_state(state, run_id)
+        accepted = set(delivery.get("accepted") or [])
         errors = []
         for name, kind, settings in self.channels:
             if name in accepted:
                 continue
+            if name in self.timed_out:
+                errors.append((name, ChannelError("not tried: it timed out earlier in this pass")))
+                continue
             try:
-                send_report(name, kind, settings, report, self.config)
+                send_report(name, kind, settings, report, self.config, self.stop)
             except ChannelError as error:
+                if error.timed_out:
+                    self.timed_out.add(name)
                 errors.append((name, error))
                 continue
             accepted.add(name)
-            state["accepted"] = sorted(accepted)
-            write_delivery_state(work_dir, run_id, state)
+            delivery["accepted"] = sorted(accepted)
+            write_delivery_state(state, run_id, delivery)
         if errors:
-            return self.retry_later(work_dir, run_id, claimed, record, state, errors)
-        self.archive(work_dir, run_id, claimed, record)
+            return self.retry_later(state, run_id, claimed, record, delivery, errors)
+        self.archive(state, run_id, claimed, record)
         return "delivered"
 
-    def load(self, work_dir, run_id, claimed):
-        """The record behind a claim; an unreadable one becomes a report of its own."""
-        try:
-            data = read_json_file(claimed)
-            if run_id.startswith("legacy-"):
-                return legacy_to_record(data, work_dir, run_id)
-            record = check_record(data, claimed)
-            if record.get("note"):
-                self.log("warning: %s: %s" % (run_id, record["note"]))
-            return record
-        except HpcrunError as error:
+    def load(self, state, run_id, claimed):
+        """The record behind a claim, checked field by field, with who wrote it; an unreadable
+        one becomes a report of its own. Errors name the record by its own path."""
+        if run_id.startswith(BAD_NAME_PREFIX):
+            name = self.bad_names.get(run_id)
+            error = "record %s in '%s': its file name is not a valid run id" % (
+                "'%s'" % printable(name, 80) if name else "file", state.path("done"))
             self.log("error: %s" % error)
-            return {"run_id": run_id, "name": run_id, "status": "unknown", "final": True,
-                    "work_dir": work_dir, "note": str(error)}
+            return broken_record(run_id, state.work_dir, error)
+        legacy = run_id.startswith("legacy-")
+        shown = os.path.join(state.work_dir, LEGACY_RECORD) if legacy else state.path("done", run_id + ".json")
+        try:
+            data, owner = state.read_json("claimed", claimed)
+            data = dict(data, author_uid=None) if owner != self.uid else data
+            if legacy:
+                data = legacy_to_record(data, state.work_dir, run_id)
+            record = check_record(data, shown)
+        except HpcrunError as error:
+            message = str(error).replace(state.path("claimed", claimed), shown)
+            self.log("error: %s" % message)
+            return broken_record(run_id, state.work_dir, message)
+        record["author_uid"] = self.author_of(record, owner, shown)
+        if record.get("note"):
+            self.log("warning: %s: %s" % (run_id, record["note"]))
+        return record
 
-    def retry_later(self, work_dir, run_id, claimed, record, state, errors):
-        failures = int(state.get("failures", 0)) + 1
-        delay = min(self.config.get("monitor", "retry_max"),
-                    self.config.get("monitor", "retry_base") * 2 ** (failures - 1))
+    def author_of(self, record, owner, shown):
+        """Who wrote a record: its file's owner, or, for the monitor's own files (event reports,
+        reminders), the author of the record they came from."""
+        if owner == self.uid and record.get("author_uid") is not None:
+            return record["author_uid"]
+        if owner != self.uid and owner in nobody_uids():
+            self.note_once("warning: '%s' is owned by nobody (uid %d): NFSv4 id mapping fails between "
+                           "this host and the file server (their NFSv4 domains differ, see Domain in "
+                           "/etc/idmapd.conf, or nfsidmap is not running); the files the record names "
+                           "are not read" % (shown, owner))
+        return owner
+
+    def retry_later(self, state, run_id, claimed, record, delivery, errors):
+        failures = (delivery.get("failures") or 0) + 1
+        retry_max = self.config.get("monitor", "retry_max")
+        delay = min(retry_max, self.config.get("monitor", "retry_base") * 2 ** min(failures - 1, 64))
         hints = [e.retry_after for _, e in errors if e.retry_after]
         if hints:
-            delay = max(delay, max(hints))
+            delay = max(delay, min(max(hints), retry_max))
         if not any(e.retryable for _, e in errors):
-            delay = max(delay, self.config.get("monitor", "retry_max"))
-        state.update(failures=failures, next_try=self.now() + delay,
-                     last_error="; ".join("%s: %s" % (n, e) for n, e in errors))
-        write_delivery_state(work_dir, run_id, state)
-        release_claim(claimed, os.path.join(state_dir(work_dir, "done"), run_id + ".json"))
+            delay = max(delay, retry_max)
+        delivery.update(failures=failures, next_try=self.now() + delay,
+                        last_error="; ".join("%s: %s" % (n, e) for n, e in errors))
+        write_delivery_state(state, run_id, delivery)
+        self.release(state, run_id, claimed)
         for name, error in errors:
             self.log("push failed: %s via %s: %s (attempt %d, next in %s)"
                      % (describe_run(record), name, error, failures, format_duration(delay)))
         return "failed"
 
-    def watch_dir(self, work_dir):
-        """Read each running record once and turn silence into lost/stalled reports."""
-        running_dir = state_dir(work_dir, "running")
-        entries = list_dir(running_dir)
-        lost = set(name[:-5] for name in entries if name.endswith(".lost"))
-        names = [name for name in entries if name.endswith(".json") and name[0] != "."]
-        watches = self.load_watches(work_dir) if self.persist_watches else self.watches
-        for filename in names:
-            run_id = filename[:-5]
-            try:
-                running = read_json_file(os.path.join(running_dir, filename))
-            except HpcrunError:
-                continue  # ended and removed between listdir and open, or being replaced
-            self.observe(work_dir, run_id, running, watches, run_id in lost)
-        if self.persist_watches:
-            live = set(name[:-5] for name in names)
-            self.save_watches(work_dir, {k: v for k, v in watches.items() if k in live})
-
-    def observe(self, work_dir, run_id, running, watches, reported_lost=False):
-        now = self.clock()
-        seq, size = running.get("seq"), running.get("log_size")
-        first_sight = run_id not in watches
-        watch = watches.setdefault(run_id, {"seq": seq, "seq_at": now, "size": size, "size_at": now})
-        self.announce(work_dir, run_id, running)
-        if seq != watch["seq"] or first_sight:
-            watch.update(seq=seq, seq_at=now)
-            if reported_lost:
-                self.heartbeat_back(work_dir, run_id, running)
-        if size != watch["size"]:
-            watch.update(size=size, size_at=now)
-            self.output_back(work_dir, run_id, running)
-        heartbeat = float(running.get("heartbeat_interval") or DEFAULTS["wrap"]["heartbeat_interval"])
-        stale_after = self.config.get("monitor", "stale_after") or max(3 * heartbeat, heartbeat + 120)
-        stall_after = self.config.get("monitor", "stall_after")
-        if now - watch["seq_at"] > stale_after:
-            if not self.declare_lost(work_dir, run_id, running, now - watch["seq_at"]):
-                watch["seq_at"] = now  # the scheduler says it runs: look again later
-        elif stall_after and now - watch["size_at"] > stall_after:
-            self.declare_stalled(work_dir, run_id, running, now - watch["size_at"])
-
-    def announce(self, work_dir, run_id, running):
-        """The start and time-limit-warning events, each once per run."""
-        if "start" in self.events and create_marker(self.marker(work_dir, run_id, "start"), {}) \
-                and not self.ended(work_dir, run_id):
-            self.emit_event(work_dir, event_record(running, "start"), "started: %s" % describe_run(running))
-        end_time = (running.get("job") or {}).get("end_time") if isinstance(running.get("job"), dict) else None
-        if not is_number(end_time) or not end_time or "time_limit_warning" not in self.events:
-            return
-        remaining = end_time - self.now()
-        # once per end time: a job whose limit was raised after a warning is warned again
-        marker = self.marker(work_dir, run_id, "time_limit_warning-%d" % end_time)
-        if 0 < remaining <= self.config.get("notify", "time_limit_margin") and \
-                create_marker(marker, {"end_time": end_time}):
-            self.emit_event(work_dir, event_record(running, "time_limit_warning", remaining=remaining),
-                            "time limit near: %s: %s left" % (describe_run(running), format_duration(remaining)))
-
-    def schedule_reminder(self, work_dir, record):
-        """After a run of a scheduler job ends, watch whether its job (and the bill) goes on."""
-        job = record.get("job") if isinstance(record.get("job"), dict) else None
-        if not job or "release_reminder" not in self.events or not job.get("release") or \
-                not find_program(SCHEDULER_CLIENTS.get(job.get("scheduler"), "")):
-            return
-        first = min(60.0, self.config.get("monitor", "reminder_interval"))
-        reminder = {"run_id": record["run_id"], "name": record.get("name"), "job": job,
-                    "work_dir": work_dir, "host": record.get("host"), "start_time": record.get("start_time"),
-                    "ended": record.get("end_time") or self.now(), "sent": 0, "next_check": self.now() + first}
-        write_json_atomic(self.reminder_path(work_dir, record["run_id"]), reminder)
-
-    def reminder_path(self, work_dir, run_id):
-        directory = state_dir(work_dir, "reminders")
-        os.makedirs(directory, exist_ok=True)
-        return os.path.join(directory, run_id + ".json")
-
-    def check_reminders(self, work_dir):
-        """Remind every reminder_interval while a finished run's job still runs, reminder_max times."""
-        for filename in list_dir(state_dir(work_dir, "reminders")):
-            path = os.path.join(state_dir(work_dir, "reminders"), filename)
-            try:
-                reminder = read_json_file(path)
-            except HpcrunError:
-                continue
-            if not filename.endswith(".json") or reminder.get("next_check", 0) > self.now():
-                continue
-            verdict = self.scheduler(reminder.get("job"))
-            if verdict is None and int(reminder.get("unanswered", 0)) < self.config.get("monitor", "reminder_max"):
-                reminder["unanswered"] = int(reminder.get("unanswered", 0)) + 1  # slurmctld busy?
-                reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
-                write_json_atomic(path, reminder)
-                continue
-            if not verdict or verdict["state"] not in ALIVE_JOB_STATES:
-                for name in list_dir(os.path.dirname(path)):
-                    if name.startswith(filename):
-                        remove_quietly(os.path.join(os.path.dirname(path), name))
-                if reminder.get("sent"):
-                    self.log("job %s of %s is gone" % (reminder["job"].get("id"), reminder.get("name")))
-                continue
-            self.remind(work_dir, path, reminder)
-
-    def remind(self, work_dir, path, reminder):
-        reminder["sent"] = int(reminder.get("sent", 0)) + 1
-        if not create_marker("%s.%d" % (path, reminder["sent"]), {}):
-            return  # another monitor sent this one
-        since = self.now() - float(reminder.get("ended") or self.now())
-        record = event_record(reminder, "release_reminder", since=since, release=reminder["job"].get("release"))
-        record["run_id"] += "-%d" % reminder["sent"]
-        self.emit_event(work_dir, record, "job %s still runs %s after %s ended: %s" % (
-            reminder["job"].get("id"), format_duration(since), reminder.get("name"), record["release"]))
-        if reminder["sent"] >= self.config.get("monitor", "reminder_max"):
-            for name in list_dir(os.path.dirname(path)):
-                if name.startswith(os.path.basename(path)):
-                    remove_quietly(os.path.join(os.path.dirname(path), name))
-            return
-        reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
-        write_json_atomic(path, reminder)
-
-    def marker(self, work_dir, run_id, kind):
-        return os.path.join(state_dir(work_dir, "running"), "%s.%s" % (run_id, kind))
-
-    def ended(self, work_dir, run_id):
-        if any(os.path.exists(os.path.join(state_dir(work_dir, sub), run_id + ".json"))
-               for sub in ("done", "sent")):
-            return True
-        return any(name.startswith(run_id + ".json.") for name in list_dir(state_dir(work_dir, "claimed")))
-
-    def declare_lost(self, work_dir, run_id, running, silence):
-        """Report a run whose heartbeat stopped, once; False when the scheduler says it still runs."""
-        if os.path.exists(self.marker(work_dir, run_id, "lost")) or self.ended(work_dir, run_id):
-            return True
-        verdict = self.scheduler(running.get("job"))
-        if verdict and verdict["state"] in ALIVE_JOB_STATES:
-            self.log("heartbeat of %s silent for %s, but the scheduler says %s"
-                     % (describe_run(running), format_duration(silence), verdict["state"]))
-            return False
-        if not create_marker(self.marker(work_dir, run_id, "lost"), {"seq": running.get("seq")}):
-            return True
-        cause = SCHEDULER_CAUSES.get(verdict["state"], "unknown") if verdict else "unknown"
-        record = event_record(running, "lost", cause=cause, silence=silence,
-                              scheduler_state=describe_verdict(verdict))
-        self.emit_event(work_dir, record, "lost: %s: no heartbeat for %s%s" % (
-            describe_run(running), format_duration(silence),
-            ", scheduler: " + describe_verdict(verdict) if verdict else ""))
-        return True
-
-    def heartbeat_back(self, work_dir, run_id, running):
-        """One recovered report when a run reported lost beats again (a newer seq than at the loss)."""
+    def release(self, state, run_id, claimed):
+        """Give a claim back to done/ for a later pass (or another monitor)."""
         try:
-            lost = read_json_file(self.marker(work_dir, run_id, "lost"))
-        except HpcrunError:
-            return  # never reported lost (the usual case)
-        if (running.get("seq") or 0) > (lost.get("seq") or 0) and \
-                create_marker(self.marker(work_dir, run_id, "recovered"), {}):
-            self.emit_event(work_dir, event_record(running, "recovered"),
-                            "recovered: %s: heartbeat back" % describe_run(running))
+            state.rename("claimed", claimed, "done", run_id + ".json")
+        except (OSError, HpcrunError):
+            pass  # a later poll takes over the claim
 
-    def declare_stalled(self, work_dir, run_id, running, silence):
-        if not create_marker(self.marker(work_dir, run_id, "stalled"), {"log_size": running.get("log_size")}):
-            return
-        record = event_record(running, "stalled", silence=silence)
-        record["run_id"] += "-%d" % int(running.get("seq") or 0)
-        self.emit_event(work_dir, record, "stalled: %s: no output for %s"
-                        % (describe_run(running), format_duration(silence)))
+    def archive(self, state, run_id, claimed, record, sent=True):
+        state.rename("claimed", claimed, "sent", run_id + ".json")
+        state.remove("delivery", run_id + ".json")
+        if record.get("status") in STATUSES and self.wrote_the_run(state, run_id, record):
+            for name in state.names("running"):
+                suffix = name[len(run_id):] if name.startswith(run_id + ".") else ""
+                if suffix in (".json", ".lost", ".recovered", ".stalled", ".start") or \
+                        suffix.startswith(".time_limit_warning"):  # "-END" per end time; bare from older monitors
+                    state.remove("running", name)
+            self.schedule_reminder(state, run_id, record)
+        if sent:
+            self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
+        else:
+            self.log("not sent ([notify] settings): %s" % describe_run(record))
 
-    def output_back(self, work_dir, run_id, running):
+    def wrote_the_run(self, state, run_id, record):
+        """Whether the author of a completion record wrote the run's heartbeat too: a record
+        planted under someone else's run id must not end the watch of their run."""
         try:
-            os.unlink(self.marker(work_dir, run_id, "stalled"))
+            owner = os.stat(run_id + ".json", dir_fd=state.existing_fd("running"), follow_symlinks=False).st_uid
         except OSError:
-            return  # not stalled, or another monitor reports the resume
-        record = event_record(running, "resumed")
-        record["run_id"] += "-%d" % int(running.get("seq") or 0)
-        self.emit_event(work_dir, record, "resumed: %s: log output again" % describe_run(running))
-
-    def watch_path(self, work_dir):
-        return os.path.join(work_dir, STATE_DIR, "watch.%s.json" % self.host)
-
-    def load_watches(self, work_dir):
-        """What an earlier --once on this host saw; monotonic times hold until a reboot."""
-        try:
-            data = read_json_file(self.watch_path(work_dir))
-        except HpcrunError:
-            return {}
-        runs = data.get("runs")
-        return runs if data.get("boot_id") == boot_id() and isinstance(runs, dict) else {}
-
-    def save_watches(self, work_dir, watches):
-        try:
-            write_json_atomic(self.watch_path(work_dir), {"boot_id": boot_id(), "runs": watches})
-        except OSError as error:
-            self.log("error: cannot save watch state in '%s': %s" % (work_dir, error.strerror))
+            return True  # no heartbeat left to protect
+        return record.get("author_uid") in (None, owner)
 
     def wanted(self, record):
         """Whether [notify] events, only_failures and min_duration let this report out."""
@@ -3471,60 +4104,265 @@ class Monitor(object):
             return True
         if status == "success" and self.config.get("notify", "only_failures"):
             return False
-        short = (record.get("duration") or 0) < self.config.get("notify", "min_duration")
+        short = 0 <= (record.get("duration") or 0) < self.config.get("notify", "min_duration")
         return not short or (status != "success" and not self.config.get("notify", "skip_short_failures"))
 
-    def emit_event(self, work_dir, record, message):
-        """Queue an event report (lost, stalled, ...) as a record of its own in done/."""
-        self.log(message)
-        if self.wanted(record):
-            write_json_atomic(os.path.join(state_dir(work_dir, "done"), record["run_id"] + ".json"), record)
+    # --- watching: heartbeats, lost, stalled, start and time-limit events, reminders ---
 
-    def archive(self, work_dir, run_id, claimed, record, sent=True):
-        os.makedirs(state_dir(work_dir, "sent"), exist_ok=True)
-        os.replace(claimed, os.path.join(state_dir(work_dir, "sent"), run_id + ".json"))
-        remove_quietly(os.path.join(state_dir(work_dir, "delivery"), run_id + ".json"))
-        if record.get("status") in STATUSES:
-            running_dir = state_dir(work_dir, "running")
-            for name in list_dir(running_dir):
-                suffix = name[len(run_id):] if name.startswith(run_id + ".") else ""
-                if suffix in (".json", ".lost", ".recovered", ".stalled", ".start") or \
-                        suffix.startswith(".time_limit_warning"):  # "-END" per end time; bare from older monitors
-                    remove_quietly(os.path.join(running_dir, name))
-            self.schedule_reminder(work_dir, record)
-        if sent:
-            self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
-        else:
-            self.log("not sent ([notify] settings): %s" % describe_run(record))
+    def watch_dir(self, state):
+        """Read each running record once and turn silence into lost/stalled reports."""
+        entries = state.names("running")
+        lost = set(name[:-5] for name in entries if name.endswith(".lost"))
+        names = [name for name in entries if name.endswith(".json") and name[0] != "."]
+        watches = self.load_watches(state) if self.persist_watches else self.watches
+        live = set()
+        for filename in names:
+            run_id = filename[:-5]
+            if not valid_run_id(run_id):
+                self.note_once("error: running record '%s': its file name is not a valid run id: "
+                               "not watched" % state.path("running", printable(filename, 80)))
+                continue
+            live.add(run_id)
+            try:
+                data, owner = state.read_json("running", filename)
+                running = check_record(dict(data, author_uid=None), state.path("running", filename), running=True)
+            except HpcrunError as error:
+                if "No such file" not in str(error):  # ended and removed between listdir and open
+                    self.note_once("error: %s" % error)
+                continue
+            try:
+                author = self.author_of(running, owner, state.path("running", filename))
+                self.observe(state, run_id, running, author, watches, run_id in lost)
+            except (HpcrunError, OSError) as error:
+                self.log("error: %s: %s" % (run_id, redact(error, self.config.secrets)))
+            except Exception:  # a bug must not stop the watch of the other runs
+                self.log_exception("cannot watch %s" % run_id)
+        if self.persist_watches:
+            self.save_watches(state, {k: v for k, v in watches.items() if k in live})
+
+    def observe(self, state, run_id, running, author, watches, reported_lost=False):
+        now = self.clock()
+        seq, size = running.get("seq"), running.get("log_size")
+        first_sight = run_id not in watches
+        watch = watches.setdefault(run_id, {"seq": seq, "seq_at": now, "size": size, "size_at": now})
+        self.announce(state, run_id, running, author)
+        if seq != watch["seq"] or first_sight:
+            watch.update(seq=seq, seq_at=now)
+            if reported_lost:
+                self.heartbeat_back(state, run_id, running, author)
+        if size != watch["size"]:
+            watch.update(size=size, size_at=now)
+            self.output_back(state, run_id, running, author)
+        heartbeat = running.get("heartbeat_interval") or DEFAULTS["wrap"]["heartbeat_interval"]
+        stale_after = self.config.get("monitor", "stale_after") or max(3 * heartbeat, heartbeat + 120)
+        stall_after = self.config.get("monitor", "stall_after")
+        if now - watch["seq_at"] > stale_after:
+            if not self.declare_lost(state, run_id, running, author, now - watch["seq_at"]):
+                watch["seq_at"] = now  # the scheduler says it runs: look again later
+        elif stall_after and now - watch["size_at"] > stall_after:
+            self.declare_stalled(state, run_id, running, author, now - watch["size_at"])
+
+    def emit_once(self, state, sub, marker, marker_data, record, message):
+        """Queue an event report once across monitors: first the report, durable, then the
+        marker that says it is done. A report that could not be written is tried again at the
+        next pass; one written by a monitor that died before its marker is not written twice.
+        False when the marker was there already."""
+        if state.exists(sub, marker):
+            return False
+        if not self.ended(state, record["run_id"]):
+            self.log(message)
+            if self.wanted(record):
+                state.write_json("done", record["run_id"] + ".json", record)
+        return state.create_marker(sub, marker, marker_data)
+
+    def announce(self, state, run_id, running, author):
+        """The start and time-limit-warning events, each once per run."""
+        if "start" in self.events and not state.exists("running", run_id + ".start"):
+            if self.ended(state, run_id):
+                state.create_marker("running", run_id + ".start", {})
+            else:
+                self.emit_once(state, "running", run_id + ".start", {},
+                               event_record(running, run_id, "start", author),
+                               "started: %s" % describe_run(running))
+        end_time = (running.get("job") or {}).get("end_time")
+        if not end_time or "time_limit_warning" not in self.events:
+            return
+        remaining = end_time - self.now()
+        # once per end time: a job whose limit was raised after a warning is warned again
+        marker = "%s.time_limit_warning-%d" % (run_id, end_time)
+        if 0 < remaining <= self.config.get("notify", "time_limit_margin"):
+            record = event_record(running, run_id, "time_limit_warning", author, remaining=remaining)
+            record["run_id"] += "-%d" % end_time
+            self.emit_once(state, "running", marker, {"end_time": end_time}, record,
+                           "time limit near: %s: %s left" % (describe_run(running), format_duration(remaining)))
+
+    def ended(self, state, run_id):
+        if state.exists("done", run_id + ".json") or state.exists("sent", run_id + ".json"):
+            return True
+        return any(name.startswith(run_id + ".json.") for name in state.names("claimed"))
+
+    def declare_lost(self, state, run_id, running, author, silence):
+        """Report a run whose heartbeat stopped, once; False when the scheduler says it still runs."""
+        if state.exists("running", run_id + ".lost") or self.ended(state, run_id):
+            return True
+        verdict = self.scheduler(running.get("job"))
+        if verdict and verdict["state"] in ALIVE_JOB_STATES:
+            self.log("heartbeat of %s silent for %s, but the scheduler says %s"
+                     % (describe_run(running), format_duration(silence), verdict["state"]))
+            return False
+        cause = SCHEDULER_CAUSES.get(verdict["state"], "unknown") if verdict else "unknown"
+        record = event_record(running, run_id, "lost", author, cause=cause, silence=silence,
+                              scheduler_state=describe_verdict(verdict))
+        self.emit_once(state, "running", run_id + ".lost", {"seq": running.get("seq")}, record,
+                       "lost: %s: no heartbeat for %s%s" % (
+                           describe_run(running), format_duration(silence),
+                           ", scheduler: " + describe_verdict(verdict) if verdict else ""))
+        return True
+
+    def heartbeat_back(self, state, run_id, running, author):
+        """One recovered report when a run reported lost beats again (a newer seq than at the loss)."""
+        try:
+            lost = check_fields(state.read_json("running", run_id + ".lost")[0], {"seq": "int"}, run_id)
+        except HpcrunError:
+            return  # never reported lost (the usual case)
+        if (running.get("seq") or 0) > (lost.get("seq") or 0):
+            self.emit_once(state, "running", run_id + ".recovered", {},
+                           event_record(running, run_id, "recovered", author),
+                           "recovered: %s: heartbeat back" % describe_run(running))
+
+    def declare_stalled(self, state, run_id, running, author, silence):
+        record = event_record(running, run_id, "stalled", author, silence=silence)
+        record["run_id"] += "-%d" % (running.get("seq") or 0)
+        self.emit_once(state, "running", run_id + ".stalled", {"log_size": running.get("log_size")}, record,
+                       "stalled: %s: no output for %s" % (describe_run(running), format_duration(silence)))
+
+    def output_back(self, state, run_id, running, author):
+        if not state.exists("running", run_id + ".stalled"):
+            return  # not stalled (the usual case)
+        record = event_record(running, run_id, "resumed", author)
+        record["run_id"] += "-%d" % (running.get("seq") or 0)
+        if not self.ended(state, record["run_id"]):
+            self.log("resumed: %s: log output again" % describe_run(running))
+            if self.wanted(record):
+                state.write_json("done", record["run_id"] + ".json", record)
+        state.remove("running", run_id + ".stalled")
+
+    def watch_name(self):
+        return "watch.%s.json" % self.host
+
+    def load_watches(self, state):
+        """What an earlier --once on this host saw; monotonic times hold until a reboot."""
+        try:
+            data = state.read_json("", self.watch_name())[0]
+        except HpcrunError:
+            return {}
+        runs = data.get("runs") if data.get("boot_id") == boot_id() else None
+        watches = {}
+        for run_id, watch in (runs.items() if isinstance(runs, dict) else ()):
+            try:
+                watch = check_fields(watch, WATCH_FIELDS, "watch") if isinstance(watch, dict) else None
+            except HpcrunError:
+                watch = None
+            if watch and watch.get("seq_at") is not None and watch.get("size_at") is not None:
+                watches[run_id] = watch
+        return watches
+
+    def save_watches(self, state, watches):
+        try:
+            state.write_json("", self.watch_name(), {"boot_id": boot_id(), "runs": watches})
+        except (OSError, HpcrunError) as error:
+            self.log("error: cannot save watch state in '%s': %s"
+                     % (state.work_dir, getattr(error, "strerror", None) or error))
+
+    def schedule_reminder(self, state, run_id, record):
+        """After a run of a scheduler job ends, watch whether its job (and the bill) goes on."""
+        job = record.get("job")
+        if not job or "release_reminder" not in self.events or not job.get("release") or \
+                not find_program(SCHEDULER_CLIENTS.get(job.get("scheduler"), "")):
+            return
+        first = min(60.0, self.config.get("monitor", "reminder_interval"))
+        reminder = {"run_id": run_id, "name": record.get("name"), "job": job, "work_dir": state.work_dir,
+                    "host": record.get("host"), "start_time": record.get("start_time"),
+                    "author_uid": record.get("author_uid"), "ended": record.get("end_time") or self.now(),
+                    "sent": 0, "next_check": self.now() + first}
+        state.write_json("reminders", run_id + ".json", reminder)
+
+    def check_reminders(self, state):
+        """Remind every reminder_interval while a finished run's job still runs, reminder_max times."""
+        for filename in state.names("reminders"):
+            run_id = filename[:-5]
+            if not filename.endswith(".json") or not valid_run_id(run_id):
+                continue
+            try:
+                data, owner = state.read_json("reminders", filename)
+                reminder = check_fields(data, REMINDER_FIELDS, state.path("reminders", filename))
+            except HpcrunError as error:
+                self.note_once("error: %s" % error)
+                continue
+            if not reminder.get("job") or (reminder.get("next_check") or 0) > self.now():
+                continue
+            reminder["author_uid"] = self.author_of(reminder, owner, state.path("reminders", filename))
+            verdict = self.scheduler(reminder["job"])
+            unanswered = reminder.get("unanswered") or 0
+            if verdict is None and unanswered < self.config.get("monitor", "reminder_max"):
+                reminder["unanswered"] = unanswered + 1  # slurmctld busy?
+                reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
+                state.write_json("reminders", filename, reminder)
+                continue
+            if not verdict or verdict["state"] not in ALIVE_JOB_STATES:
+                self.forget_reminder(state, filename)
+                if reminder.get("sent"):
+                    self.log("job %s of %s is gone" % (reminder["job"].get("id"), printable(reminder.get("name"))))
+                continue
+            self.remind(state, run_id, filename, reminder)
+
+    def forget_reminder(self, state, filename):
+        for name in state.names("reminders"):
+            if name.startswith(filename):
+                state.remove("reminders", name)
+
+    def remind(self, state, run_id, filename, reminder):
+        reminder["sent"] = (reminder.get("sent") or 0) + 1
+        since = self.now() - (reminder.get("ended") or self.now())
+        record = event_record(reminder, run_id, "release_reminder", reminder["author_uid"],
+                              since=since, release=reminder["job"].get("release"))
+        record["run_id"] += "-%d" % reminder["sent"]
+        if not self.emit_once(state, "reminders", "%s.%d" % (filename, reminder["sent"]), {}, record,
+                              "job %s still runs %s after %s ended: %s" % (
+                                  reminder["job"].get("id"), format_duration(since),
+                                  printable(reminder.get("name")), record["release"])):
+            return  # another monitor sent this one
+        if reminder["sent"] >= self.config.get("monitor", "reminder_max"):
+            self.forget_reminder(state, filename)
+            return
+        reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
+        state.write_json("reminders", filename, reminder)
 
 
 def describe_run(record):
-    return "%s (%s, %s)" % (record.get("name") or "?", record.get("run_id") or "?",
-                            record.get("status") or "?")
+    return printable("%s (%s, %s)" % (record.get("name") or "?", record.get("run_id") or "?",
+                                      record.get("status") or "?"), 300)
 
 
-def read_delivery_state(work_dir, run_id):
-    path = os.path.join(state_dir(work_dir, "delivery"), run_id + ".json")
-    if not os.path.exists(path):
+def printable(text, limit=200):
+    """Text from a record made safe for a terminal or a log: one line, no escape sequences."""
+    text = re.sub(CONTROL_RE, "?", re.sub(ANSI_RE, "", clean_text(str(text if text is not None else ""))))
+    return one_line(text.replace("\r", " ").replace("\n", " "), limit) if text else text
+
+
+def read_delivery_state(state, run_id):
+    """Which channels accepted a report, how often it failed, when to try again ({} if new)."""
+    if not state.exists("delivery", run_id + ".json"):
         return {}
     try:
-        return read_json_file(path)
+        data = state.read_json("delivery", run_id + ".json")[0]
+        return check_fields(data, DELIVERY_FIELDS, state.path("delivery", run_id + ".json"))
     except HpcrunError:
         return {}
 
 
-def write_delivery_state(work_dir, run_id, state):
-    directory = state_dir(work_dir, "delivery")
-    os.makedirs(directory, exist_ok=True)
-    write_json_atomic(os.path.join(directory, run_id + ".json"), state)
-
-
-def release_claim(claimed, done_path):
-    try:
-        os.makedirs(os.path.dirname(done_path), exist_ok=True)
-        os.rename(claimed, done_path)
-    except OSError:
-        pass  # a later poll takes over the claim
+def write_delivery_state(state, run_id, delivery):
+    state.write_json("delivery", run_id + ".json", delivery)
 
 
 def run_monitor(monitor, work_dirs, interval, once, stop):
@@ -3538,11 +4376,10 @@ def run_monitor(monitor, work_dirs, interval, once, stop):
             if not once:
                 seq += 1
                 write_monitor_heartbeat(monitor, seq, interval)
-        except Exception as error:  # the one place that must survive anything: log and go on
-            if once:
-                raise
-            monitor.log("error: %s" % redact("%s: %s" % (error.__class__.__name__, error),
-                                             monitor.config.secrets))
+        except Stopped:
+            return 0
+        except Exception:  # the one place that must survive anything: log and go on
+            monitor.log_exception("monitor pass failed")
             failed = 1
         if once:
             return 1 if failed or pending else 0
@@ -3585,28 +4422,28 @@ def registry_dirs(monitor, env=None):
 
 def make_logger(stream=None):
     def log(message):
-        emit("%s %s" % (format_log_time(time.time()), message), stream)
+        text = re.sub(CONTROL_RE, "?", re.sub(ANSI_RE, "", str(message))).replace("\r", " ").replace("\n", " ")
+        emit("%s %s" % (format_log_time(time.time()), text), stream)
     return log
 
 
 # --- status ---
 
-def collect_runs(work_dir):
+def collect_runs(work_dir, roots=None, now=None):
     """Every run hpcrun knows of in work_dir that is not yet reported, newest first."""
+    now = time.time() if now is None else now
+    roots = roots or [work_dir]
     runs = []
-    for sub, state in (("running", "running"), ("done", "finished, waiting to be reported"),
-                       ("claimed", "being delivered")):
-        for filename in list_dir(state_dir(work_dir, sub)):
-            if filename.startswith(".") or not (filename.endswith(".json") or sub == "claimed"):
-                continue
-            path = os.path.join(state_dir(work_dir, sub), filename)
-            try:
-                record = read_json_file(path)
-            except HpcrunError as error:
-                record = {"run_id": filename, "note": str(error)}
-            run_id = record.get("run_id") or filename
-            delivery = read_delivery_state(work_dir, run_id)
-            runs.append(status_entry(work_dir, sub, state, record, delivery))
+    with StateDir(work_dir) as state:
+        for sub, label in (("running", "running"), ("done", "finished, waiting to be reported"),
+                           ("claimed", "being delivered")):
+            for filename in state.names(sub):
+                if filename.startswith(".") or not (filename.endswith(".json") or sub == "claimed"):
+                    continue
+                run_id = (parse_claim_name(filename) or (filename,))[0] if sub == "claimed" else filename[:-5]
+                record = read_status_record(state, sub, filename, run_id)
+                delivery = read_delivery_state(state, run_id) if valid_run_id(run_id) else {}
+                runs.append(status_entry(state, sub, label, run_id, record, delivery, roots, now))
     if os.path.lexists(os.path.join(work_dir, LEGACY_RECORD)):
         runs.append({"work_dir": work_dir, "run_id": LEGACY_RECORD, "name": LEGACY_RECORD,
                      "state": "finished, waiting to be reported", "start_time": None,
@@ -3615,30 +4452,39 @@ def collect_runs(work_dir):
     return [r for r in runs if not (r["state"] == "running" and r["run_id"] in done_ids)]
 
 
-def status_entry(work_dir, sub, state, record, delivery):
+def read_status_record(state, sub, filename, run_id):
+    """A record for status, checked like the monitor checks it; a stand-in with a note if bad."""
+    try:
+        data, owner = state.read_json(sub, filename)
+        record = check_record(dict(data, author_uid=None), state.path(sub, filename), running=(sub == "running"))
+    except HpcrunError as error:
+        return {"note": str(error)}
+    record["author_uid"] = owner
+    return record
+
+
+def status_entry(state, sub, label, run_id, record, delivery, roots, now):
+    """One run as status shows it (and status --json prints it)."""
     start = record.get("start_time")
     end = record.get("end_time") if sub != "running" else None
     if sub == "running":
-        marker = os.path.join(state_dir(work_dir, "running"), str(record.get("run_id")))
-        if os.path.exists(marker + ".recovered"):
-            state = "running (heartbeat back after lost)"
-        elif os.path.exists(marker + ".lost"):
-            state = "lost (no heartbeat)"
-        elif os.path.exists(marker + ".stalled"):
-            state = "running, stalled (no output)"
+        for marker, meaning in ((".recovered", "running (heartbeat back after lost)"),
+                                (".lost", "lost (no heartbeat)"), (".stalled", "running, stalled (no output)")):
+            if state.exists("running", run_id + marker):
+                label = meaning
+                break
     if delivery.get("failures"):
-        state = "delivery failed %d time(s): %s" % (delivery["failures"], delivery.get("last_error", ""))
+        label = "delivery failed %d time(s): %s" % (delivery["failures"], delivery.get("last_error", ""))
     last_line = record.get("last_line") if sub == "running" else ""
     if not last_line and record.get("log_file"):
         try:
-            lines = read_tail(os.path.join(work_dir, record["log_file"]), 1)
+            lines = read_named_tail(record, record["log_file"], state.work_dir, 1, roots)
             last_line = lines[-1] if lines else ""
-        except OSError:
+        except (OSError, HpcrunError):
             last_line = ""
-    job = record.get("job") if isinstance(record.get("job"), dict) else {}
-    now = time.time()
-    return {"work_dir": work_dir, "run_id": record.get("run_id"), "name": record.get("name"),
-            "state": state, "status": record.get("status"), "start_time": start,
+    job = record.get("job") or {}
+    return {"work_dir": state.work_dir, "run_id": run_id, "name": record.get("name"),
+            "state": label, "status": record.get("status"), "start_time": start,
             "elapsed": ((end or now) - start) if start else None,
             "host": record.get("host"), "log_file": record.get("log_file"),
             "last_line": last_line or "", "job": job_label(job),
@@ -3667,7 +4513,7 @@ def format_status_line(run):
         if run.get(key):
             parts.append(run[key])
     parts.append(run.get("last_line") or "")
-    return "  ".join(parts)
+    return printable("  ".join(str(part) for part in parts), 10000)  # names come from records
 
 
 def collect_monitors(env=None):
@@ -3765,8 +4611,8 @@ def cmd_monitor(args):
     if [kind for _, kind, _ in channels] == ["console"]:
         print_warning("no push channel configured: reports are only printed here "
                       "(see config.ini.example)")
-    monitor = Monitor(config, channels, make_logger())
-    monitor.persist_watches = args.once
+    stop = threading.Event()
+    monitor = Monitor(config, channels, make_logger(), stop=stop, persist_watches=args.once)
     if args.work_dir:
         fixed = [os.path.abspath(d) for d in args.work_dir]
 
@@ -3774,7 +4620,6 @@ def cmd_monitor(args):
             return fixed
     else:
         work_dirs = registry_dirs(monitor)
-    stop = threading.Event()
     previous = {number: signal.signal(number, lambda n, f: stop.set())
                 for number in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -3799,9 +4644,16 @@ def cmd_status(args):
             emit(format_monitor_line(monitor, time.time()))
         return 0 if monitors else 3
     work_dirs = args.work_dir or sorted(set(entry[0] for entry in registered_work_dirs()))
+    config = status_config(args)
     runs = []
     for work_dir in work_dirs:
-        runs.extend(collect_runs(os.path.abspath(work_dir)))
+        work_dir = os.path.abspath(work_dir)
+        try:
+            runs.extend(collect_runs(work_dir, named_file_roots(config, work_dir)))
+        except OSError as error:
+            print_warning("cannot read '%s': %s" % (work_dir, error.strerror or error))
+        except HpcrunError as error:
+            print_warning(str(error))
     if args.json:
         emit(json.dumps(runs, ensure_ascii=False, indent=1, sort_keys=True))
     elif not runs:
@@ -3809,6 +4661,14 @@ def cmd_status(args):
     for run in runs if not args.json else ():
         emit(format_status_line(run))
     return 0
+
+
+def status_config(args):
+    """The config for status, which must work even when the monitor's settings are broken."""
+    try:
+        return load_config(args.config)
+    except ConfigError:
+        return load_config(os.devnull, env={})
 
 
 def cmd_notify(args):
@@ -3893,10 +4753,10 @@ def selftest_wrap(args, state):
 def selftest_monitor(args, state):
     state["errors"] = []
     monitor = Monitor(state["config"], state["channels"], state["errors"].append)
+    state["state_dir"] = StateDir(state["work_dir"])
     items = []
     for run_id in state["run_ids"]:
-        claimed = claim_record(os.path.join(state_dir(state["work_dir"], "done"), run_id + ".json"),
-                               state_dir(state["work_dir"], "claimed"), run_id, monitor.host, monitor.pid)
+        claimed = state["state_dir"].claim("done", run_id + ".json", run_id, monitor.host, monitor.pid)
         items += [(run_id, claimed)] if claimed else []
     if not items:
         raise failure_with_fix("the monitor found no record in '%s'" % state["work_dir"],
@@ -3907,7 +4767,7 @@ def selftest_monitor(args, state):
 
 def selftest_push(args, state):
     for run_id, claimed in state["items"]:
-        if state["monitor"].handle(state["work_dir"], run_id, claimed) != "delivered":
+        if state["monitor"].handle(state["state_dir"], run_id, claimed) != "delivered":
             failed = [line for line in state["errors"] if line.startswith("push failed")]
             raise failure_with_fix("; ".join(failed) or "the push failed",
                                    "check the channel's key, token and url (keys file, or HPCRUN_<SECTION>_<KEY>); "
@@ -3925,6 +4785,8 @@ def selftest_archive(args, state):
 def selftest_cleanup(state):
     """Leave nothing a real monitor would push later (a failed test report) or keep watching."""
     work_dir = state.get("work_dir")
+    if state.get("state_dir"):
+        state["state_dir"].close()
     if not work_dir:
         return
     for sub in ("done", "claimed", "delivery", "running"):
@@ -4012,6 +4874,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    reserve_std_fds()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)

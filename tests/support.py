@@ -144,6 +144,16 @@ class Reply(object):
         """Close the connection without any answer."""
         return cls("drop")
 
+    @classmethod
+    def drip(cls, body=None, seconds=1.0, status=200):
+        """Status line and headers at once, then the body one byte every `seconds` (cut short
+        when the server stops or the client goes away): each read of the client gets a byte
+        well within any timeout, the whole answer takes len(body) * seconds. The default body
+        is a 60-byte success answer."""
+        if body is None:
+            body = b'{"code": 0, "msg": "ok", "pad": "' + b"." * 25 + b'"}'
+        return cls("drip", status, body, seconds=seconds)
+
 
 Request = collections.namedtuple("Request", "method path headers body json key problems")
 
@@ -365,6 +375,15 @@ class FakeXxtui(object):
                 handler.send_header(name, value)
             handler.send_header("Content-Length", str(len(reply.body)))
             handler.end_headers()
+            if reply.kind == "drip":
+                handler.wfile.flush()
+                for index in range(len(reply.body)):
+                    if self._stopping.wait(reply.seconds):
+                        handler.close_connection = True
+                        return
+                    handler.wfile.write(reply.body[index:index + 1])
+                    handler.wfile.flush()
+                return
             handler.wfile.write(reply.body)
         except OSError:
             pass    # the client went away (timeout tests): nothing to answer

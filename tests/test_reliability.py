@@ -1175,8 +1175,11 @@ class BadInputTest(ReliabilityTestCase):
                 line = self.assertOneLogLine(result, "a-victim-%d" % index, r"(?i)fail")
                 self.assertRegex(line, needle)
                 self.assertRegex(line, ISO_LINE_RE)
-                self.assertEqual(list(read_records(work, "done")), ["a-victim-%d" % index])
-                self.assertEqual(list(read_records(work, "sent")), ["b-bystander-%d" % index])
+                # a channel that timed out is not tried again in that pass (issue 11): the
+                # bystander behind it waits for the next pass instead of for another timeout
+                waits = ["b-bystander-%d" % index] if label == "no answer in time" else []
+                self.assertEqual(list(read_records(work, "done")), ["a-victim-%d" % index] + waits)
+                self.assertEqual(list(read_records(work, "sent")), [] if waits else ["b-bystander-%d" % index])
         again = self.once(*work_dirs)
         self.assertExit(again, 0)
         for index in range(len(cases)):
