@@ -138,7 +138,7 @@ DEFAULTS = {
         "token": "",
         "user": "",
         "password": "",
-        "priority": 3,
+        "priority": "3",
         "tags": "",
         "timeout": 10.0,
     },
@@ -162,6 +162,8 @@ DEFAULTS = {
         "user": "",
         "url": "https://api.pushover.net/1/messages.json",
         "priority": "",
+        "retry": "",
+        "expire": "",
         "sound": "",
         "device": "",
         "timeout": 10.0,
@@ -227,6 +229,7 @@ TEXT_LIMITS = {
     "email": (100000, "chars"),      # [report] max_chars bounds it
 }
 TITLE_LIMITS = {"xxtui": 100, "serverchan": 32, "pushplus": 200, "pushover": 250}
+TITLE_SHARE = 4              # a title takes at most a quarter of a channel's limit: the header fits
 # Error codes in a 2xx answer that a later retry can fix, for the services that document their
 # codes; any other code there is a lasting refusal (bad key, bad signature, keyword missing).
 # Services that document no codes get every 2xx that is not a success retried.
@@ -236,6 +239,7 @@ TEMPORARY_CODES = {
     "dingtalk": (-1, 130101),        # system busy; "send too fast" (not in the reference)
     "wecom": (-1, 45009),            # system busy; "api freq out of limit" (not in the reference)
 }
+NTFY_PRIORITIES = {"min": "1", "low": "2", "default": "3", "high": "4", "max": "5", "urgent": "5"}
 SERVERCHAN_TURBO_URL = "https://sctapi.ftqq.com/{key}.send"          # SCT... keys
 SERVERCHAN3_URL = "https://{uid}.push.ft07.com/send/{key}.send"      # sctp{uid}t... keys
 # Webhook headers whose values are credentials (other header values are not secret: redacting
@@ -250,6 +254,8 @@ TERMINATING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGXCPU")
 WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
 CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL")
 DEFAULT_GRACE = 8.0          # seconds between SIGTERM and SIGKILL off Slurm (PBS Pro 10, LSF 10)
+TIME_LIMIT_MARGIN_SHARE = 0.2  # a short job is warned at most this share of its limit before the end
+WARNING_NOT_BEFORE = 300.0   # seconds: no time-limit warning in a job's first minutes
 TIME_LIMIT_SLACK = 60.0      # a SIGTERM this close to (or after) the job's end time is the time limit
 DEADLINE_STEP = 0.1          # seconds between two looks of a push's watchdog at the stop flag
 FORWARD_DELAY = 1.0          # seconds before a signal is forwarded to a training still alive
@@ -265,7 +271,9 @@ RECENT_BYTES = 4096
 PIPE_SIZE = 1 << 20
 TAIL_BLOCK = 1 << 16
 TAIL_MAX_BYTES = 1 << 20
+CLASSIFY_LINES = 2000        # log lines looked at for the cause, from a tail of at most 1 MiB
 LINE_MAX_CHARS = 500
+NAME_MAX_CHARS = 200         # a run's name as reports show it
 LOG_NAME_TRIES = 1000
 SELFTEST_PROGRAM = ("import platform, sys; print('hpcrun selftest on %s, Python %s' "
                     "% (platform.node(), sys.version.split()[0]))")
@@ -314,6 +322,7 @@ FAILURE_PATTERNS = (
     ("killed", 3, r"\bKilled\b"),
 )
 TRACEBACK_RE = r"Traceback \(most recent call last\):\s*$"
+FRAME_RE = r'^\s+File "[^"]*", line \d+'        # a traceback frame; its source line follows
 PROGRESS_PATTERNS = (
     ("batch", r"(?i)\bepoch\W{0,3}\[\s*(\d+)\]\s*\[\s*(\d+)\s*/\s*(\d+)\]"),
     ("epoch", r"(?i)\bepoch\b\s*[:=]?\s*\[?\s*(\d+)(?:\s*(?:/|of)\s*(\d+))?"),
@@ -418,6 +427,14 @@ MESSAGES = {
         "label_start_failed": "无法启动",
         "label_crash": "崩溃",
         "field_progress": "进度",
+        "no_log_empty": "日志为空",
+        "start_error": "无法启动 {command}：{reason}",
+        "errno_ENOENT": "找不到这个程序",
+        "errno_EACCES": "没有执行权限",
+        "errno_ENOEXEC": "不是可执行文件",
+        "errno_ENOTDIR": "路径中有一段不是目录",
+        "errno_E2BIG": "参数太长",
+        "errno_ENOMEM": "内存不足",
         "field_metric": "指标",
         "field_memory": "峰值内存",
         "field_gpus": "GPU",
@@ -528,6 +545,14 @@ MESSAGES = {
         "label_start_failed": "cannot start",
         "label_crash": "crash",
         "field_progress": "Progress",
+        "no_log_empty": "empty",
+        "start_error": "cannot start {command}: {reason}",
+        "errno_ENOENT": "no such program",
+        "errno_EACCES": "permission denied",
+        "errno_ENOEXEC": "not an executable",
+        "errno_ENOTDIR": "a part of the path is not a directory",
+        "errno_E2BIG": "argument list too long",
+        "errno_ENOMEM": "out of memory",
         "field_metric": "Metric",
         "field_memory": "Peak memory",
         "field_gpus": "GPUs",
@@ -809,10 +834,14 @@ def mask_key_blocks(lines):
 def classify_log(lines):
     """(cause, line) of the likeliest root cause in a log tail, or (None, None)."""
     best = None
-    in_traceback = False
+    in_traceback = in_frame = False
     patterns = [(cause, tier, re.compile(pattern)) for cause, tier, pattern in FAILURE_PATTERNS]
     for index, raw in enumerate(lines):
-        line = strip_rank(raw).strip()
+        unranked = strip_rank(raw)
+        if in_frame and unranked.startswith((" ", "\t")) and not re.match(FRAME_RE, unranked):
+            continue  # a frame's source line: `raise RuntimeError("CUDA out of memory")` is not the error
+        in_frame = bool(re.match(FRAME_RE, unranked))
+        line = unranked.strip()
         if re.search(TRACEBACK_RE, line):
             in_traceback = True
             continue
@@ -940,6 +969,7 @@ class MetricSampler(object):
         self.pending = b""
         self.provisional = False
         self.progress_lines = {}
+        self.lock = threading.Lock()  # the relay looks while the wrapper may settle at the end
 
     def feed(self, chunk):
         now = self.clock()
@@ -948,7 +978,18 @@ class MetricSampler(object):
             return
         self.next_look = now + SAMPLE_INTERVAL
         self.pending = b""
-        self.look(chunk[-65536:])
+        # until a first value is seen, the whole chunk: the trend starts at the run's first value
+        self.look(chunk if not self.seen else chunk[-65536:])
+
+    def settle(self, lines):
+        """At the run's end: the last value and progress from the log's tail (cleaned lines), which
+        the once-a-second looks may have missed (a burst of output, then evaluation lines)."""
+        value = last_metric_value(lines, self.name)
+        progress = parse_progress(lines)
+        with self.lock:
+            if value is not None and not (self.values and same_number(self.values[-1], value)):
+                self.add(value)
+            self.progress = progress or self.progress
 
     def flush(self):
         """Look at the output that came after the last look (the run's end: a final nan)."""
@@ -958,9 +999,16 @@ class MetricSampler(object):
 
     def look(self, window):
         window = bytes(window)  # the relay passes views of a buffer it reuses
+        with self.lock:
+            self.look_locked(window)
+
+    def look_locked(self, window):
         matches = self.pattern.findall(window)
+        if matches and not self.seen and len(matches) > 1:
+            self.add(float(matches[0].decode("ascii")))
         if matches:
             self.add(float(matches[-1].decode("ascii")))
+        window = window[-65536:]
         for line in clean_log_text(window[-8192:].decode("utf-8", errors="replace"))[-20:]:
             for kind, pattern in PROGRESS_PATTERNS:
                 if re.search(pattern, strip_rank(line)):
@@ -982,6 +1030,29 @@ class MetricSampler(object):
         if len(self.values) >= METRIC_POINTS:
             self.values = self.values[::2]
             self.stride *= 2
+
+
+def last_metric_value(lines, name):
+    """The last value of a metric in cleaned log lines, or None."""
+    pattern = metric_regex(name)
+    for line in reversed(lines):
+        matches = pattern.findall(line)
+        if matches:
+            return float(matches[-1])
+    return None
+
+
+def same_number(a, b):
+    return a == b or (a != a and b != b)
+
+
+def settled_values(values, lines, name):
+    """A sampled series ending with the last value the log shows (a report of a run that ended
+    between two heartbeats, or of a record from a wrap that missed it)."""
+    last = last_metric_value(lines, name)
+    if last is None or (values and same_number(values[-1], last)):
+        return values
+    return list(values) + [last]
 
 
 def last_line_of(chunk):
@@ -1115,13 +1186,8 @@ def env_layer(env, section):
 
 def read_keys_file(config_path, file_sections, env):
     """The secrets file: explicit keys_file must exist; the default one beside the config may not."""
-    explicit = env.get(env_key("notify", "keys_file")) or file_sections.get("notify", {}).get("keys_file")
-    if explicit == DEFAULTS["notify"]["keys_file"]:
-        explicit = None  # config.ini.example spells the default out: it may still be missing
-    home = env.get("HOME") or os.path.expanduser("~")
-    base = os.path.dirname(os.path.abspath(config_path)) if config_path else \
-        os.path.join(home, ".config", "hpcrun")
-    keys_path = os.path.join(base, os.path.expanduser(explicit or DEFAULTS["notify"]["keys_file"]))
+    explicit = explicit_keys_file(file_sections, env)
+    keys_path = keys_file_path(config_path, file_sections, env)
     if not explicit and not os.path.exists(keys_path):
         return None, {}, []
     sections = read_ini(keys_path, "keys file")
@@ -1130,6 +1196,21 @@ def read_keys_file(config_path, file_sections, env):
         warnings.append("keys file '%s' is readable by group or others: chmod 600 '%s'"
                         % (keys_path, keys_path))
     return keys_path, sections, warnings
+
+
+def explicit_keys_file(file_sections, env):
+    explicit = env.get(env_key("notify", "keys_file")) or file_sections.get("notify", {}).get("keys_file")
+    return None if explicit == DEFAULTS["notify"]["keys_file"] else explicit  # the default spelt out
+
+
+def keys_file_path(config_path, file_sections, env):
+    """The keys file: [notify] keys_file relative to the config's directory (default
+    api_keys.ini beside it, or in ~/.config/hpcrun without a config)."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    base = os.path.dirname(os.path.abspath(config_path)) if config_path else \
+        os.path.join(home, ".config", "hpcrun")
+    explicit = explicit_keys_file(file_sections, env)
+    return os.path.join(base, os.path.expanduser(explicit or DEFAULTS["notify"]["keys_file"]))
 
 
 def check_config(config):
@@ -1146,6 +1227,10 @@ def check_config(config):
                 values[key] = parse_bool(value, config, name, key)
             elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
                 values[key] = parse_number(value, type(default), config, name, key)
+    for name, values in sorted(config.sections.items()):
+        check = CHANNEL_CHECKS.get(channel_type(name))
+        if check:
+            check(config, name, values)
     parse_events(config)
     check_templates(config)
     if not re.match(r"^[A-Za-z_][\w./-]*$", str(config.get("report", "metric"))):
@@ -1292,6 +1377,20 @@ def parse_list(text):
     return [item.strip() for item in str(text or "").replace(";", ",").split(",") if item.strip()]
 
 
+def key_place(config, section, key):
+    """Where a missing setting belongs, naming the keys file that was looked for."""
+    if not is_secret_setting(section, key):
+        return "the config '%s'" % config.path if config.path else "a config file"
+    path = config.keys_path or keys_file_path(config.path, {"notify": config.sections.get("notify", {})},
+                                              os.environ)
+    return "the keys file '%s' (%s)" % (path, "found, no such key" if os.path.exists(path) else "not found")
+
+
+def pushes_to_phone(config, channels):
+    """Whether any report would leave this machine: a channel other than the console."""
+    return any(kind != "console" for _, kind, _ in channels)
+
+
 def resolve_channels(config):
     """The channel sections to push through, each checked: [(section, type, settings)]."""
     names = parse_list(config.get("notify", "channels"))
@@ -1308,9 +1407,8 @@ def resolve_channels(config):
         for key in REQUIRED_KEYS.get(kind, ()):
             settings[key] = str(settings.get(key) or "").strip()
             if not settings[key]:
-                place = "the keys file" if is_secret_setting(name, key) else "the config"
                 raise ConfigError("%s: [%s] %s is not set (put it in %s or %s)"
-                                  % (config.where(), name, key, place, env_key(name, key)))
+                                  % (config.where(), name, key, key_place(config, name, key), env_key(name, key)))
         channels.append((name, kind, settings))
     return channels
 
@@ -1435,7 +1533,7 @@ JOB_FIELDS = {
 RECORD_FIELDS = {
     "run_id": "text", "name": "text", "command": "text", "work_dir": "text", "host": "text",
     "status": "text", "signal": "text", "cause": "text", "log_file": "text", "timestamp": "text",
-    "started": "text", "log_error": "text", "hpcrun_version": "text", "last_line": "text",
+    "started": "text", "log_error": "text", "start_error": "text", "hpcrun_version": "text", "last_line": "text",
     "progress": "text", "note": "text", "base_run_id": "text", "scheduler_state": "text",
     "release": "text", "exit_code": "int", "pid": "int", "schema": "int", "seq": "int",
     "child_returncode": "int", "log_size": "int", "author_uid": "int", "start_time": "number",
@@ -2218,7 +2316,7 @@ class Wrapper(object):
                 env=child_env(self.env, self.run_id, self.log_path), stdin=stdin,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as error:
-            return self.finish_without_child("cannot start '%s': %s" % (self.command, error.strerror))
+            return self.finish_without_child(error)
         self.cpu_at_start = own_cpu_seconds()
         enlarge_pipe(self.child.stdout.fileno())
         self.relay = Relay(self.child.stdout.fileno(), self.log_fd, stdout_fd(), self.sampler)
@@ -2369,7 +2467,7 @@ class Wrapper(object):
                       duration=end_time - self.start_time, log_size=self.relay.bytes if self.relay else 0)
         if returncode is not None:
             record["child_returncode"] = returncode
-        if final:
+        if final and self.child is not None:
             self.peak_rss = max(self.peak_rss, children_max_rss())
             record["wrapper_cpu"] = own_cpu_seconds()
             record["wrapper_cpu_while_running"] = self.cpu_while_running
@@ -2387,8 +2485,21 @@ class Wrapper(object):
         self.write_record("done", record)
         return record
 
+    def final_look(self):
+        """Settle the metric and progress on the log's tail before the final record: the relay's
+        looks are a second apart, and its last one may not have come yet (an orphan holds the
+        pipe). A log that could not be written fully is not trusted over the relay's look."""
+        self.sampler.flush()
+        if self.relay and self.relay.log_error:
+            return
+        try:
+            self.sampler.settle(read_tail(self.log_path, CLASSIFY_LINES))
+        except (OSError, HpcrunError):
+            pass
+
     def finish(self, returncode):
         self.stopped.set()
+        self.final_look()
         with self.lock:
             record = self.completion_record(returncode, final=True)
             self.write_final(record)
@@ -2398,10 +2509,13 @@ class Wrapper(object):
             os.close(self.log_fd)  # else a grandchild still writes: the log stays open until we exit
         return record
 
-    def finish_without_child(self, reason):
+    def finish_without_child(self, error):
+        """The record of a training that could not be started (no such program, not executable)."""
         self.stopped.set()
         record = self.completion_record(127, True)
-        record.update(status="failed", exit_code=127, cause="start_failed", log_error=reason)
+        record.update(status="failed", exit_code=127, cause="start_failed",
+                      log_error="cannot start '%s': %s" % (self.command, error.strerror),
+                      start_error=errno.errorcode.get(error.errno, ""))
         self.write_final(record)
         os.close(self.log_fd)
         return record
@@ -2722,7 +2836,6 @@ class Report(object):
 
 TRUSTED_CAUSES = ("time_limit", "oom", "cancelled", "preempted", "interrupted", "node_fail",
                   "cpu_limit", "start_failed")
-CLASSIFY_LINES = 2000        # log lines looked at for the cause, from a tail of at most 1 MiB
 TEMPLATE_FIELDS = ("name", "status", "cause", "label", "duration", "exit_code", "signal", "host", "job_id",
                    "progress", "metric", "work_dir", "log_file", "command", "start", "end", "run_id",
                    "peak_memory", "gpus")
@@ -2812,7 +2925,7 @@ def read_log_lines(record, work_dir, messages, roots, uid=None):
     except (OSError, HpcrunError) as error:
         return [], messages["no_log"].format(reason=getattr(error, "strerror", None) or error)
     lines = [mask_secrets(line) for line in mask_key_blocks(lines)]
-    return lines, None if lines else messages["no_log"].format(reason="empty")
+    return lines, None if lines else messages["no_log"].format(reason=messages["no_log_empty"])
 
 
 def scheduler_output_lines(record, work_dir, roots, uid=None):
@@ -2884,14 +2997,16 @@ def report_fields(record, lines, messages, scheduler_lines=()):
     job = record.get("job") if isinstance(record.get("job"), dict) else {}
     cause, cause_line = resolve_cause(record, lines, scheduler_lines)
     return {
-        "name": record.get("name") or record.get("run_id") or "?", "run_id": record.get("run_id") or "",
+        "name": one_line(record.get("name") or record.get("run_id") or "?", NAME_MAX_CHARS),
+        "run_id": record.get("run_id") or "",
         "status": record.get("status") or "unknown", "cause": cause or "", "cause_line": cause_line,
         "label": cause_label(cause, cause_line, messages),
         "duration": format_duration(duration) if duration is not None else "?", "seconds": duration,
         "exit_code": record.get("exit_code", "?"), "signal": record.get("signal") or "",
         "host": record.get("host") or "", "job_id": job.get("id") or "",
-        "progress": parse_progress(lines[-200:]) or record.get("progress") or "",
-        "metric": metric_line(record) or "",
+        "progress": parse_progress(lines) or record.get("progress") or "",
+        "metric": metric_line(record, lines) or "",
+        "last_line": mask_secrets(one_line(lines[-1] if lines else record.get("last_line") or "", LINE_MAX_CHARS)),
         "work_dir": record.get("work_dir") or "", "log_file": record.get("log_file") or "",
         "command": mask_secrets(one_line(record.get("command") or "", 300)),
         "start": format_local_time(record["start_time"]) if record.get("start_time") else "",
@@ -2954,7 +3069,8 @@ def report_title(status, fields, messages):
     if status == "success":
         extras = [fields["duration"]]
     elif status == "failed":
-        extras = [fields["label"], "exit %s" % fields["exit_code"]]
+        extras = [fields["label"]] if fields["cause"] == "start_failed" else \
+            [fields["label"], "exit %s" % fields["exit_code"]]  # nothing ran: no exit code to show
     elif status in ("killed", "terminated"):
         extras = [fields["label"], fields["signal"]]
     else:
@@ -2986,8 +3102,7 @@ def report_header(record, messages, status, fields):
         ("field_scheduler", record.get("scheduler_state")),
         ("field_last_heartbeat", format_local_time(record["last_heartbeat"])
          if record.get("last_heartbeat") else None),
-        ("field_last_line", mask_secrets(one_line(record.get("last_line") or "", LINE_MAX_CHARS))
-         if status in EVENT_STATUSES else None),
+        ("field_last_line", fields["last_line"] if status in EVENT_STATUSES else None),
         ("field_time_left", fields["remaining"] if status == "time_limit_warning" else None),
         ("field_release", record.get("release") if status == "release_reminder" else None),
         ("field_start", fields["start"]),
@@ -3001,7 +3116,12 @@ def report_header(record, messages, status, fields):
     if status in STATUSES and job and job.get("outlives") and job.get("release"):
         header.append(messages["outlives"].format(release=job["release"]))
     warnings = record.get("warnings") if isinstance(record.get("warnings"), list) else []
-    for note in [record.get("log_error"), record.get("note"), fields.get("note")] + warnings:
+    log_error = record.get("log_error")
+    if fields["cause"] == "start_failed" and record.get("start_error") is not None:
+        code = record["start_error"]
+        log_error = messages["start_error"].format(command=fields["command"],
+                                                   reason=messages.get("errno_" + code, code))
+    for note in [log_error, record.get("note"), fields.get("note")] + warnings:
         if note:
             header.append(str(note))
     return header
@@ -3248,15 +3368,27 @@ def has_field(body, name):
 
 
 def short_title(title, kind):
-    limit = TITLE_LIMITS.get(kind)
-    return title if not limit or len(title) <= limit else cut_to_size(title, limit, "chars")
+    """A title within the channel's title field (when it has a limit of its own) and within a
+    share of its text limit: a 1200-character job name must not push the report out."""
+    title = fit_title(title, *TEXT_LIMITS[kind])
+    field = TITLE_LIMITS.get(kind)
+    return title if not field or len(title) <= field else cut_to_size(title, field, "chars")
 
 
 def titled_text(report, limit, unit):
-    """Title line and body within one limit, for services that have no title field."""
-    first = report.title + "\n"
-    used = len(first.encode("utf-8")) if unit == "bytes" else len(first)
-    return first + report.text(max(limit - used, 1), unit)
+    """Title line and body within one limit, for services that have no title field: the title
+    takes at most a share of the limit, so that the header always fits."""
+    title = fit_title(report.title, limit, unit)
+    return title + "\n" + report.text(max(limit - text_size(title + "\n", unit), 1), unit)
+
+
+def fit_title(title, limit, unit):
+    share = limit // TITLE_SHARE
+    return cut_to_size(title, share, unit) if text_size(title, unit) > share else title
+
+
+def text_size(text, unit):
+    return len(text.encode("utf-8")) if unit == "bytes" else len(text)
 
 
 def fill_template(url, key, value):
@@ -3319,8 +3451,10 @@ def send_pushplus(settings, report, secrets=()):
 
 
 def send_bark(settings, report, secrets=()):
-    payload = {"device_key": settings["device_key"], "title": report.title,
-               "body": report.text(*TEXT_LIMITS["bark"])}
+    title = short_title(report.title, "bark")   # one APNs payload holds title and body
+    limit, unit = TEXT_LIMITS["bark"]
+    payload = {"device_key": settings["device_key"], "title": title,
+               "body": report.text(max(limit - text_size(title, unit), 1), unit)}
     for key in ("group", "level", "sound"):
         if settings.get(key):
             payload[key] = settings[key]
@@ -3405,11 +3539,20 @@ def ntfy_auth(settings):
     return {}
 
 
+def check_ntfy(config, name, values):
+    """ntfy takes priority 1-5 or its names: a typo is a config error now, not a refusal at 3 a.m."""
+    priority = str(values.get("priority") or "3").strip().lower()
+    if priority not in NTFY_PRIORITIES and priority not in ("1", "2", "3", "4", "5"):
+        raise ConfigError("%s: [%s] priority: '%s' is not 1 to 5 or one of %s" % (
+            config.where(name, "priority"), name, values.get("priority"), ", ".join(NTFY_PRIORITIES)))
+    values["priority"] = NTFY_PRIORITIES.get(priority, priority)
+
+
 def send_ntfy(settings, report, secrets=()):
     # JSON to the server root: the title travels in the body, where UTF-8 is fine (headers are latin-1)
-    payload = {"topic": settings["topic"], "title": report.title,
+    payload = {"topic": settings["topic"], "title": short_title(report.title, "ntfy"),
                "message": report.text(*TEXT_LIMITS["ntfy"]),
-               "priority": int(settings.get("priority") or 3)}
+               "priority": int(NTFY_PRIORITIES.get(str(settings.get("priority")), settings.get("priority") or 3))}
     if parse_list(settings.get("tags")):
         payload["tags"] = parse_list(settings["tags"])
     url = settings["url"].rstrip("/") + "/"
@@ -3453,12 +3596,29 @@ def send_telegram(settings, report, secrets=()):
         raise refusal(status, body, headers, secrets, "error_code", ("description",))
 
 
+def check_pushover(config, name, values):
+    """Pushover takes priority -2 to 2; 2 (emergency) needs retry (>= 30 s) and expire (<= 10800 s)."""
+    def number(key, low, high):
+        text = str(values.get(key) or "").strip()
+        if text and not (re.match(r"^-?\d+$", text) and low <= int(text) <= high):
+            raise ConfigError("%s: [%s] %s: '%s' is not a whole number from %d to %d"
+                              % (config.where(name, key), name, key, text, low, high))
+        return text
+    if number("priority", -2, 2) == "2":
+        for key, low, high in (("retry", 30, 10800), ("expire", 1, 10800)):
+            if not number(key, low, high):
+                raise ConfigError("%s: [%s] priority 2 (emergency) needs %s (%d to %d seconds)"
+                                  % (config.where(name, "priority"), name, key, low, high))
+
+
 def send_pushover(settings, report, secrets=()):
     from urllib.parse import urlencode
     fields = [("token", settings["token"]), ("user", settings["user"]),
               ("title", short_title(report.title, "pushover")),
               ("message", report.text(*TEXT_LIMITS["pushover"]))]
-    fields += [(key, settings[key]) for key in ("priority", "sound", "device") if settings.get(key)]
+    keys = ("priority", "retry", "expire", "sound", "device") if str(settings.get("priority")) == "2" else \
+        ("priority", "sound", "device")
+    fields += [(key, str(settings[key]).strip()) for key in keys if settings.get(key)]
     data = urlencode(fields).encode("ascii")
     status, body, headers = http_request(settings["url"], data, settings, secrets,
                                          {"Content-Type": FORM_TYPE})
@@ -3467,7 +3627,7 @@ def send_pushover(settings, report, secrets=()):
 
 
 def send_gotify(settings, report, secrets=()):
-    payload = {"title": report.title, "message": report.text(*TEXT_LIMITS["gotify"]),
+    payload = {"title": short_title(report.title, "gotify"), "message": report.text(*TEXT_LIMITS["gotify"]),
                "priority": int(settings.get("priority") or 0)}
     status, body, headers = http_post_json(settings["url"].rstrip("/") + "/message", payload, settings,
                                            secrets, {"X-Gotify-Key": settings["token"]})
@@ -3552,16 +3712,25 @@ def open_smtp(settings):
     return smtp
 
 
+def email_addresses(text):
+    """[(display name, address)] of an address list: '训练通知 <12345678@qq.com>; b@example.org'."""
+    from email.utils import getaddresses
+    return [(name, address) for name, address in getaddresses([str(text or "").replace(";", ",")])
+            if address]
+
+
 def email_message(report, sender, recipients):
+    """The message: display names that are not ASCII are encoded per RFC 2047 around each
+    address (From and every recipient of To), the Message-ID domain is the sender's."""
     from email.header import Header
     from email.mime.text import MIMEText
-    from email.utils import formatdate, make_msgid
+    from email.utils import formataddr, formatdate, make_msgid
     message = MIMEText(report.text(*TEXT_LIMITS["email"]), "plain", "utf-8")
-    message["Subject"] = Header(report.title, "utf-8")
-    message["From"] = sender
-    message["To"] = ", ".join(recipients)
+    message["Subject"] = Header(short_title(report.title, "email"), "utf-8")
+    message["From"] = formataddr(sender, "utf-8")
+    message["To"] = ", ".join(formataddr(recipient, "utf-8") for recipient in recipients)
     message["Date"] = formatdate(localtime=True)
-    message["Message-ID"] = make_msgid("hpcrun", domain=sender.rpartition("@")[2] or "localhost")
+    message["Message-ID"] = make_msgid("hpcrun", domain=sender[1].rpartition("@")[2] or "localhost")
     return message
 
 
@@ -3598,10 +3767,13 @@ def smtp_failure(error, timeout):
 
 def send_email(settings, report, secrets=()):
     import smtplib
-    sender = settings.get("from") or settings.get("user")
-    recipients = parse_list(settings["to"])
-    if not sender:
+    senders = email_addresses(settings.get("from") or settings.get("user"))
+    recipients = email_addresses(settings["to"])
+    if not senders:
         raise ChannelError("[email] from is not set and there is no user to send as", retryable=False)
+    if not recipients:
+        raise ChannelError("[email] to: no address in '%s'" % settings["to"], retryable=False)
+    sender = senders[0]
     deadline = settings.get("deadline")
     try:
         with open_smtp(settings) as smtp:
@@ -3609,7 +3781,8 @@ def send_email(settings, report, secrets=()):
                 deadline.watch(smtp.sock)
             if settings.get("user"):
                 smtp.login(settings["user"], settings.get("password") or "")
-            smtp.sendmail(sender, recipients, email_message(report, sender, recipients).as_string())
+            smtp.sendmail(sender[1], [address for _, address in recipients],
+                          email_message(report, sender, recipients).as_string())
     except (smtplib.SMTPException, OSError) as error:
         if deadline is not None:
             deadline.check()
@@ -3635,6 +3808,9 @@ SENDERS = {
     "webhook": send_webhook,
     "email": send_email,
 }
+
+
+CHANNEL_CHECKS = {"ntfy": check_ntfy, "pushover": check_pushover}
 
 
 def ca_file_path(config):
@@ -3797,7 +3973,7 @@ class Monitor(object):
     only as open_named_file allows."""
 
     def __init__(self, config, channels, log, now=time.time, clock=time.monotonic,
-                 scheduler=query_scheduler, stop=None, persist_watches=False):
+                 scheduler=query_scheduler, stop=None, once=False):
         self.config = config
         self.channels = channels
         self.log = log
@@ -3805,7 +3981,7 @@ class Monitor(object):
         self.clock = clock
         self.scheduler = scheduler
         self.stop = stop              # set by SIGTERM or SIGINT: a push under way is cut at once
-        self.persist_watches = persist_watches  # --once: keep what was seen on disk between runs
+        self.once = once  # cron --once: what was seen is kept on disk between runs, waiting reports listed
         self.host = host_name()
         self.pid = os.getpid()
         self.uid = os.geteuid()
@@ -3916,6 +4092,8 @@ class Monitor(object):
                 self.bad_names[run_id] = filename
             if not self.due(state, run_id):
                 waiting += 1
+                if self.once:  # never exit silently while a report waits
+                    self.log_waiting(state, filename, run_id)
                 continue
             if self.provisional_held(state, filename):
                 continue
@@ -3923,6 +4101,19 @@ class Monitor(object):
             if target:
                 items.append((run_id, target))
         return items, waiting
+
+    def log_waiting(self, state, filename, run_id):
+        """One line for a report that waits for its retry: which run, which channels, when."""
+        delivery = read_delivery_state(state, run_id)
+        try:
+            record = check_record(state.read_json("done", filename)[0], filename)
+        except HpcrunError:
+            record = {"run_id": run_id}
+        channels = [name for name, _, _ in self.channels if name not in (delivery.get("accepted") or [])]
+        self.log("waiting: %s via %s: retry in %s; last error: %s" % (
+            describe_run(record), ", ".join(channels) or "-",
+            format_duration((delivery.get("next_try") or 0) - self.now()),
+            printable(delivery.get("last_error") or "-", 300)))
 
     def provisional_held(self, state, filename):
         """A provisional record (written on the first signal) waits while its wrapper may still
@@ -4114,7 +4305,7 @@ class Monitor(object):
         entries = state.names("running")
         lost = set(name[:-5] for name in entries if name.endswith(".lost"))
         names = [name for name in entries if name.endswith(".json") and name[0] != "."]
-        watches = self.load_watches(state) if self.persist_watches else self.watches
+        watches = self.load_watches(state) if self.once else self.watches
         live = set()
         for filename in names:
             run_id = filename[:-5]
@@ -4137,7 +4328,7 @@ class Monitor(object):
                 self.log("error: %s: %s" % (run_id, redact(error, self.config.secrets)))
             except Exception:  # a bug must not stop the watch of the other runs
                 self.log_exception("cannot watch %s" % run_id)
-        if self.persist_watches:
+        if self.once:
             self.save_watches(state, {k: v for k, v in watches.items() if k in live})
 
     def observe(self, state, run_id, running, author, watches, reported_lost=False):
@@ -4184,13 +4375,15 @@ class Monitor(object):
                 self.emit_once(state, "running", run_id + ".start", {},
                                event_record(running, run_id, "start", author),
                                "started: %s" % describe_run(running))
-        end_time = (running.get("job") or {}).get("end_time")
+        job = running.get("job") or {}
+        end_time = job.get("end_time")
         if not end_time or "time_limit_warning" not in self.events:
             return
         remaining = end_time - self.now()
         # once per end time: a job whose limit was raised after a warning is warned again
         marker = "%s.time_limit_warning-%d" % (run_id, end_time)
-        if 0 < remaining <= self.config.get("notify", "time_limit_margin"):
+        if warning_due(remaining, self.config.get("notify", "time_limit_margin"), job.get("time_limit"),
+                       self.now() - (running.get("start_time") or self.now())):
             record = event_record(running, run_id, "time_limit_warning", author, remaining=remaining)
             record["run_id"] += "-%d" % end_time
             self.emit_once(state, "running", marker, {"end_time": end_time}, record,
@@ -4337,6 +4530,15 @@ class Monitor(object):
             return
         reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
         state.write_json("reminders", filename, reminder)
+
+
+def warning_due(remaining, margin, time_limit, run_elapsed):
+    """Whether a time-limit warning can still help: within the margin, which is at most a fifth
+    of a short job's limit, and never in the job's first minutes (a 5-minute debug job gets none)."""
+    if time_limit:
+        margin = min(margin, TIME_LIMIT_MARGIN_SHARE * time_limit)
+        run_elapsed = time_limit - remaining
+    return 0 < remaining <= margin and run_elapsed >= WARNING_NOT_BEFORE
 
 
 def describe_run(record):
@@ -4494,10 +4696,12 @@ def status_entry(state, sub, label, run_id, record, delivery, roots, now):
             "progress": record.get("progress"), "metric": metric_line(record)}
 
 
-def metric_line(record):
+def metric_line(record, lines=()):
+    """The metric's trend from the record's sample, ending with the last value the log shows."""
     metric = record.get("metric") if isinstance(record.get("metric"), dict) else {}
     values = [float(v) for v in metric.get("values") or [] if isinstance(v, (int, float))]
-    return format_metric_trend(str(metric.get("name") or "loss"), values)
+    name = str(metric.get("name") or "loss")
+    return format_metric_trend(name, settled_values(values, lines, name) if values else values)
 
 
 def format_status_line(run):
@@ -4529,11 +4733,16 @@ def collect_monitors(env=None):
     return monitors
 
 
-def format_monitor_line(monitor, now):
-    """One line per monitor; "alive" compares two clocks, so it is only a hint across hosts."""
-    age = now - float(monitor.get("written_at") or 0)
-    interval = float(monitor.get("interval") or 60)
-    state = "alive" if age <= 3 * interval + 60 else "silent"
+def format_monitor_line(monitor, now, host=None):
+    """One line per monitor. On this host its pid says whether it runs; elsewhere "alive"
+    compares two clocks, so it is only a hint."""
+    written = monitor.get("written_at") if is_number(monitor.get("written_at")) else 0
+    interval = monitor.get("interval") if is_number(monitor.get("interval")) else 60
+    age = min(now - written, NUMBER_MAX)
+    if monitor.get("host") == (host or host_name()) and isinstance(monitor.get("pid"), int):
+        state = "alive" if is_monitor_process(monitor["pid"]) else "dead (its pid is gone)"
+    else:
+        state = "alive" if age <= 3 * interval + 60 else "silent"
     return "monitor on %s: pid %s, %s (last poll %s ago), hpcrun %s" % (
         monitor.get("host"), monitor.get("pid"), state, format_duration(age), monitor.get("version"))
 
@@ -4608,11 +4817,14 @@ def cmd_monitor(args):
     overrides = {"monitor": {"interval": args.interval}} if args.interval is not None else {}
     config = config_for(args, overrides)
     channels = resolve_channels(config)
-    if [kind for _, kind, _ in channels] == ["console"]:
+    for work_dir in args.work_dir or ():
+        if not os.path.isdir(work_dir):
+            raise HpcrunError("work dir '%s' does not exist" % work_dir)
+    if not parse_list(config.get("notify", "channels")) and not pushes_to_phone(config, channels):
         print_warning("no push channel configured: reports are only printed here "
                       "(see config.ini.example)")
     stop = threading.Event()
-    monitor = Monitor(config, channels, make_logger(), stop=stop, persist_watches=args.once)
+    monitor = Monitor(config, channels, make_logger(), stop=stop, once=args.once)
     if args.work_dir:
         fixed = [os.path.abspath(d) for d in args.work_dir]
 
@@ -4637,11 +4849,21 @@ def cmd_monitor(args):
         restore_signal_handlers(previous)
 
 
+def is_monitor_process(pid):
+    """Whether pid runs hpcrun's monitor (pids are reused: its command line must say so)."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as stream:
+            argv = stream.read().split(b"\0")
+    except (OSError, OverflowError):
+        return pid_alive(pid) and not os.path.isdir("/proc/self")
+    return any(arg.endswith(b"hpcrun.py") for arg in argv) and b"monitor" in argv
+
+
 def cmd_status(args):
     if args.monitors:
         monitors = collect_monitors()
         for monitor in monitors:
-            emit(format_monitor_line(monitor, time.time()))
+            emit(printable(format_monitor_line(monitor, time.time()), 500))
         return 0 if monitors else 3
     work_dirs = args.work_dir or sorted(set(entry[0] for entry in registered_work_dirs()))
     config = status_config(args)
@@ -4718,6 +4940,12 @@ def selftest_config(args, state):
         state["channels"] = resolve_channels(state["config"])
     except HpcrunError as error:
         raise failure_with_fix(str(error), "edit the file or variable named above (see config.ini.example)")
+    if not pushes_to_phone(state["config"], state["channels"]):
+        raise failure_with_fix("nothing will be pushed: set [notify] channels and a key (only the "
+                               "console would get the reports)",
+                               "put e.g. 'channels = xxtui' under [notify] in %s and the key in the "
+                               "keys file (see config.ini.example)" % (state["config"].path or
+                                                                        "~/.config/hpcrun/config.ini"))
     return "%s; channels: %s" % (state["config"].path or "no config file",
                                  ", ".join(name for name, _, _ in state["channels"]))
 

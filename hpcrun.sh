@@ -76,7 +76,10 @@ parse_monitor_args() {
         return
         ;;
       -*) die "unknown option '$1' (put hpcrun.py options after '--')" ;;
-      *) MONITOR_ARGS+=(--work-dir "$(readlink -m -- "$1")") ;;
+      *)
+        [[ -d "$1" ]] || die "work dir '$1' does not exist"
+        MONITOR_ARGS+=(--work-dir "$(readlink -m -- "$1")")
+        ;;
     esac
     shift
   done

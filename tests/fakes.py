@@ -375,9 +375,15 @@ class Services(object):
                 return problems + ["body is not a form (Content-Type %r)"
                                    % request.headers.get("content-type")]
             extra = sorted(set(form) - {"token", "user", "message", "title", "priority", "sound",
-                                        "device"})
+                                        "device", "retry", "expire"})
             expect(problems, not extra, "unexpected fields %s" % extra)
             expect(problems, all(len(values) == 1 for values in form.values()), "repeated field")
+            # pushover.net/api#priority: 2 (emergency) needs retry >= 30 and expire <= 10800
+            if form.get("priority") == ["2"]:
+                retry, expire = (form.get("retry") or ["0"])[0], (form.get("expire") or ["0"])[0]
+                expect(problems, retry.isdigit() and int(retry) >= 30, "retry %r with priority 2" % retry)
+                expect(problems, expire.isdigit() and 0 < int(expire) <= 10800,
+                       "expire %r with priority 2" % expire)
             expect(problems, form.get("token") == [token], "wrong token")
             expect(problems, form.get("user") == [user], "wrong user")
             check_text(problems, (form.get("message") or [None])[0], "message")

@@ -4,6 +4,8 @@ reference/notify-apis.md describes the service, and the signing helpers in proce
 import base64
 import collections
 import configparser
+import email.header
+import email.utils
 import importlib.util
 import json
 import os
@@ -696,6 +698,82 @@ class CertificateTest(ChannelTestCase):
 
 # --- e-mail ---
 
+class LongTitleTest(ChannelTestCase):
+    """The title counts against each service's limit (issue 12): a 1200-character job name must
+    not make WeCom drop the body or Bark overflow its APNs payload; the cause always survives."""
+
+    NAME = "超长的作业名" * 200       # 1200 characters, 3600 bytes of UTF-8
+    CASES = (("wecom", WeCom, 2048, "bytes"), ("bark", Bark, 3000, "bytes"),
+             ("discord", Discord, 2000, "chars"), ("telegram", Telegram, 4096, "chars"))
+
+    def test_a_1200_character_job_name_leaves_room_for_the_cause_and_header(self):
+        for kind, channel, limit, unit in self.CASES:
+            with self.subTest(kind):
+                work = self.sb.make_dir("work-" + kind)
+                setup, sections, keys = self.start_channel(channel())
+                self.configure(sections, keys, kind)
+                self.finished_failure(work)
+                self.assertExit(self.monitor_once(work), 0)
+                self.assertServerClean(setup.server)
+                title, text = sent_text(kind, setup.server.requests[-1])
+                whole = (title + "\n" if title is not None else "") + text
+                size = len(whole.encode("utf-8")) if unit == "bytes" else len(whole)
+                self.assertLessEqual(size, limit, "%s: title and text take %d %s" % (kind, size, unit))
+                self.assertIn("原因: CUDA 显存不足", text)
+                self.assertIn("状态: 失败", text)
+                self.assertIn("超长的作业名" * 5, whole)
+
+    def finished_failure(self, work):
+        result = self.wrap("echo 'RuntimeError: CUDA out of memory. Tried to allocate 2 GiB'; exit 1",
+                           work=work, extra=["--name", self.NAME])
+        self.assertExit(result, 1)
+
+
+class ChannelSettingsTest(ChannelTestCase):
+    """Settings a service would refuse at 3 a.m. are config errors when the monitor starts."""
+
+    def test_ntfy_priority_takes_1_to_5_or_names_and_refuses_others(self):
+        for value, good in (("4", True), ("high", True), ("MAX", True), ("0", False), ("7", False),
+                            ("loud", False)):
+            with self.subTest(value=value):
+                self.configure({"ntfy": {"url": "http://127.0.0.1:9", "priority": value}},
+                               {"ntfy": {"topic": "hpcrun-topic-TEST77"}}, "ntfy")
+                result = self.hpcrun("monitor", "--once", "--work-dir", self.sb.work)
+                if good:
+                    self.assertNoTraceback(result)
+                    self.assertNotIn("priority", result.err)
+                else:
+                    self.assertExit(result, 2)
+                    self.assertOneErrorLine(result, "[ntfy] priority", value)
+
+    def test_pushover_emergency_priority_needs_retry_and_expire(self):
+        cases = [({"priority": "2"}, "retry"), ({"priority": "2", "retry": "60"}, "expire"),
+                 ({"priority": "2", "retry": "10", "expire": "600"}, "retry"),
+                 ({"priority": "2", "retry": "60", "expire": "99999"}, "expire"),
+                 ({"priority": "3"}, "priority"), ({"priority": "2", "retry": "60", "expire": "600"}, None),
+                 ({"priority": "-1"}, None)]
+        for settings, missing in cases:
+            with self.subTest(settings=settings):
+                section = dict(settings, url="http://127.0.0.1:9")
+                self.configure({"pushover": section}, {"pushover": {"token": "aTESTtoken", "user": "uTESTuser"}},
+                               "pushover")
+                result = self.hpcrun("monitor", "--once", "--work-dir", self.sb.work)
+                if missing:
+                    self.assertExit(result, 2)
+                    self.assertOneErrorLine(result, "[pushover]", missing)
+                else:
+                    self.assertNoTraceback(result)
+                    self.assertNotIn("[pushover]", result.err)
+
+    def test_pushover_emergency_sends_retry_and_expire(self):
+        setup, sections, keys = self.start_channel(Pushover())
+        sections["pushover"].update(priority="2", retry="60", expire="3600")
+        self.configure(sections, keys, "pushover")
+        self.assertExit(self.hpcrun("notify", "--test"), 0)
+        form = setup.server.requests[-1].form
+        self.assertEqual((form["priority"], form["retry"], form["expire"]), (["2"], ["60"], ["3600"]))
+
+
 class EmailTest(ChannelTestCase):
 
     user = "me@qq.example"
@@ -730,6 +808,24 @@ class EmailTest(ChannelTestCase):
         self.assertEqual(message.subject, "🔔 hpcrun 测试消息")
         self.assertIn("hpcrun 测试消息：通道 email 工作正常", message.body)
         self.assertSecretsKept()
+
+    def test_chinese_display_names_are_encoded_around_each_address(self):
+        smtp = start_smtp(self, user=self.user, password=self.password)
+        self.configure_email(smtp, extra={"from": "训练通知 <%s>" % self.user,
+                                          "to": "张三 <you@example.org>; \"Doe, John\" <advisor@example.org>"})
+        result = self.hpcrun("notify", "--test")
+        self.assertExit(result, 0)
+        message = self.only_message(smtp, result)
+        self.assertEqual(message.mail_from, self.user)
+        self.assertEqual(message.rcpt_to, ["you@example.org", "advisor@example.org"])
+        head = message.data.split(b"\r\n\r\n", 1)[0]
+        head.decode("ascii")                 # RFC 5322 headers: ASCII, names as RFC 2047 words
+        names = [(str(email.header.make_header(email.header.decode_header(name))), address)
+                 for name, address in email.utils.getaddresses(message.message.get_all("To"))]
+        self.assertEqual(names, [("张三", "you@example.org"), ("Doe, John", "advisor@example.org")])
+        sender = email.utils.parseaddr(message.message["From"])
+        self.assertEqual(str(email.header.make_header(email.header.decode_header(sender[0]))), "训练通知")
+        self.assertTrue(message.message["Message-ID"].endswith("@qq.example>"), message.message["Message-ID"])
 
     def test_login_works_with_auth_login_as_well_as_plain(self):
         smtp = start_smtp(self, user=self.user, password=self.password, auth_methods=("LOGIN",))

@@ -324,6 +324,26 @@ class StalePidFileTest(HpcrunShTestCase):
         self.assertFalse(os.path.exists(self.pid_file), "the stale pid file is still there")
         self.assertExit(self.sh("status"), 3)
 
+    def test_monitor_of_a_dir_that_does_not_exist_refuses_to_start(self):
+        missing = self.sb.path("no-such-dir")
+        result = self.sh("monitor", missing, "--", "--interval", "1")
+        self.assertExit(result, 1)
+        self.assertIn("no-such-dir", result.err)
+        self.assertIsNone(self.read_pid_file())
+        self.assertMonitorCount(0)
+
+    def test_status_of_a_killed_monitor_never_says_alive_and_dead_at_once(self):
+        pid = self.start_monitor()
+        self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(
+            self.sb.hpcrun_home, "monitors", "%s.json" % socket.gethostname())), timeout=10),
+            "the monitor wrote no heartbeat")
+        os.kill(pid, signal.SIGKILL)     # its heartbeat file stays, fresh
+        self.assertNotRunning(pid)
+        status = self.sh("status")
+        self.assertExit(status, 1)
+        self.assertNotRegex(status.out, r"\balive\b")
+        self.assertRegex(status.out, r"(?m)^monitor on .*\bdead\b")
+
     def test_status_of_a_pid_file_without_a_pid_exits_1(self):
         self.write_pid_file("not a pid\n")
         self.assertExit(self.sh("status"), 1)

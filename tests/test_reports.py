@@ -329,11 +329,9 @@ class MetricEndToEndTest(HpcrunTestCase):
     def test_wrap_keeps_a_nan_printed_just_before_the_training_dies(self):
         self.sb.write_config({"notify": {"channels": "console"}})
         script = self.sb.write_file("train.py", (
-            "import sys, time\n"
+            "import sys\n"
             "print('step 1 loss=2.31', flush=True)\n"
-            "time.sleep(1.3)\n"
             "print('step 2 loss=1.52', flush=True)\n"
-            "time.sleep(0.2)\n"
             "print('step 3 loss=nan', flush=True)\n"
             "sys.exit(1)\n"), secret=False)
         result = self.wrap(sys.executable, script)
@@ -342,6 +340,49 @@ class MetricEndToEndTest(HpcrunTestCase):
         values = (record.get("metric") or {}).get("values") or []
         self.assertTrue(values and is_nan(values[-1]),
                         "the record's loss sample %r misses the final nan" % values)
+
+    # Each burst reaches the relay as a read of its own: the training waits until its log
+    # (HPCRUN_LOG_FILE) holds the burst before it prints the next one. All of it within the
+    # wrapper's one-second sample interval, as a fast run or a crash does.
+    BURSTS = (
+        "import os, sys, time\n"
+        "def burst(text):\n"
+        "    sys.stdout.write(text)\n"
+        "    sys.stdout.flush()\n"
+        "    deadline = time.time() + 10\n"
+        "    while time.time() < deadline:\n"
+        "        with open(os.environ['HPCRUN_LOG_FILE']) as log:\n"
+        "            if log.read().endswith(text):\n"
+        "                return\n"
+        "        time.sleep(0.005)\n")
+
+    def wrapped_report(self, bursts, exit_code):
+        self.sb.write_config({"notify": {"channels": "console", "language": "en"}})
+        script = self.sb.write_file("train.py", self.BURSTS + "".join(
+            "burst(%r)\n" % text for text in bursts) + "sys.exit(%d)\n" % exit_code, secret=False)
+        self.assertExit(self.wrap(sys.executable, script), exit_code)
+        record = list(read_records(self.sb.work, "done").values())[0]
+        report = self.hpcrun("monitor", "--once", "--work-dir", self.sb.work)
+        return record, report.out
+
+    def test_the_last_loss_before_a_traceback_is_the_last_value_of_the_trend(self):
+        record, report = self.wrapped_report(
+            ["step 1 loss=1.0\n", "step 2 loss=0.5\n",
+             "Traceback (most recent call last):\n  File \"t.py\", line 1, in <module>\n"
+             "ValueError: bad batch\n"], 1)
+        self.assertEqual(record["metric"]["values"][-1], 0.5, record)
+        self.assertIn("loss 1 → 0.5", report)
+        self.assertIn("Progress: step 2", report)
+
+    def test_progress_and_loss_are_the_last_ones_before_evaluation_output(self):
+        training = "".join("epoch %d step %d loss=%.4f\n" % (step // 1000, step, 3.0 - step / 1000.0)
+                           for step in range(3000))
+        evaluation = "".join("eval batch %d/200 acc=0.9\n" % i for i in range(1, 201))
+        record, report = self.wrapped_report([training, evaluation], 0)
+        self.assertEqual(record["progress"], "epoch 2 · step 2999", record)
+        self.assertEqual(record["metric"]["values"][-1], 0.001, record)
+        self.assertIn("Progress: epoch 2 · step 2999", report)
+        self.assertRegex(report, r"loss 3 → 0\.001 ")
 
 
 # --- reading and cleaning the log ---
