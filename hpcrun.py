@@ -15,6 +15,7 @@ Python 3.6+, standard library only.
 """
 
 import argparse
+import collections
 import errno
 import json
 import os
@@ -39,19 +40,42 @@ LEGACY_RECORD = ".train_complete.json"
 RUN_ID_RE = r"^[A-Za-z0-9_][A-Za-z0-9._~-]{0,199}\Z"   # file names under .hpcrun/ are run ids
 BAD_NAME_PREFIX = "badname-"
 JOB_ID_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.@\[\]-]{0,99}\Z"
-STATUSES = ("success", "failed", "killed", "terminated")
-EVENT_STATUSES = ("lost", "recovered", "stalled", "resumed", "start", "time_limit_warning",
-                  "release_reminder")
-EVENTS = ("start", "end", "lost", "stalled", "time_limit_warning", "release_reminder")
-EVENT_OF_STATUS = {"lost": "lost", "recovered": "lost", "stalled": "stalled", "resumed": "stalled",
-                   "start": "start", "time_limit_warning": "time_limit_warning",
-                   "release_reminder": "release_reminder"}
-RELEASE_COMMANDS = {"slurm": "scancel", "pbs": "qdel", "lsf": "bkill", "sge": "qdel"}
-SCHEDULER_CLIENTS = {"slurm": "scontrol", "pbs": "qstat", "lsf": "bjobs", "sge": "qstat"}
+# One vocabulary: every status a record can have. group: "end" (a run ended; wrap's record)
+# or "event" (a report about a run that goes on; the monitor's); event: the [notify] events name
+# that lets it out; marker: the suffix of the file in running/ that says it was reported (a
+# time-limit warning's ends in -END, one per end time); shown: what status says of a running
+# run with that marker; failure: whether it says something went wrong; extras: what its title
+# adds after the name. MESSAGES has "title_<status>" (with its icon) and "status_<status>".
+STATUS_TABLE = (
+    # status              group    event                 marker                failure extras
+    ("success",           "end",   "end",                None,                 False, ("duration",)),
+    ("failed",            "end",   "end",                None,                 True,  ("label", "exit")),
+    ("killed",            "end",   "end",                None,                 True,  ("label", "signal")),
+    ("terminated",        "end",   "end",                None,                 True,  ("label", "signal")),
+    ("lost",              "event", "lost",               "lost",               True,  ()),
+    ("recovered",         "event", "lost",               "recovered",          False, ()),
+    ("stalled",           "event", "stalled",            "stalled",            True,  ()),
+    ("resumed",           "event", "stalled",            None,                 False, ()),
+    ("start",             "event", "start",              "start",              False, ()),
+    ("time_limit_warning", "event", "time_limit_warning", "time_limit_warning", False, ()),
+    ("release_reminder",  "event", "release_reminder",   None,                 False, ()),
+)
+STATUSES = tuple(row[0] for row in STATUS_TABLE if row[1] == "end")
+EVENT_STATUSES = tuple(row[0] for row in STATUS_TABLE if row[1] == "event")
+EVENTS = tuple(collections.OrderedDict((row[2], None) for row in STATUS_TABLE))
+EVENT_OF_STATUS = {row[0]: row[2] for row in STATUS_TABLE}
+MARKER_OF_STATUS = {row[0]: "." + row[3] for row in STATUS_TABLE if row[3]}
+FAILURE_STATUSES = tuple(row[0] for row in STATUS_TABLE if row[4])
+TITLE_EXTRAS = {row[0]: row[5] for row in STATUS_TABLE}
+CAUSE_STATUSES = ("failed", "killed", "terminated", "lost")   # reports that say why it ended
+# What status shows for a running run, by the first of its markers found (a lost run that beats
+# again has both .lost and .recovered).
+SHOWN_BY_MARKER = (("recovered", "running (heartbeat back after lost)"), ("lost", "lost (no heartbeat)"),
+                   ("stalled", "running, stalled (no output)"))
 USER_AGENT = "hpcrun/" + __version__
 
-# config.ini.example mirrors this dict key by key; the type of each default is the
-# type of the setting.
+# config.ini.example mirrors this dict key by key, and each channel's settings (CHANNELS);
+# the type of each default is the type of the setting.
 DEFAULTS = {
     "notify": {
         "channels": "",
@@ -87,159 +111,11 @@ DEFAULTS = {
         "heartbeat_interval": 60.0,
         "grace": 0.0,
     },
-    "xxtui": {
-        "url": "https://www.xxtui.com/xxtui/{key}",
-        "api_key": "",
-        "from": "hpcrun",
-        "channel": "",
-        "timeout": 10.0,
-    },
-    "serverchan": {
-        "key": "",
-        "url": "",
-        "timeout": 10.0,
-    },
-    "pushplus": {
-        "token": "",
-        "url": "https://www.pushplus.plus/send",
-        "template": "txt",
-        "channel": "",
-        "topic": "",
-        "timeout": 10.0,
-    },
-    "bark": {
-        "device_key": "",
-        "url": "https://api.day.app",
-        "group": "hpcrun",
-        "level": "",
-        "sound": "",
-        "timeout": 10.0,
-    },
-    "feishu": {
-        "token": "",
-        "secret": "",
-        "url": "https://open.feishu.cn/open-apis/bot/v2/hook/{token}",
-        "timeout": 10.0,
-    },
-    "dingtalk": {
-        "access_token": "",
-        "secret": "",
-        "url": "https://oapi.dingtalk.com/robot/send",
-        "timeout": 10.0,
-    },
-    "wecom": {
-        "key": "",
-        "url": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send",
-        "timeout": 10.0,
-    },
-    "ntfy": {
-        "url": "https://ntfy.sh",
-        "topic": "",
-        "token": "",
-        "user": "",
-        "password": "",
-        "priority": "3",
-        "tags": "",
-        "timeout": 10.0,
-    },
-    "slack": {
-        "url": "",
-        "timeout": 10.0,
-    },
-    "discord": {
-        "url": "",
-        "username": "hpcrun",
-        "timeout": 10.0,
-    },
-    "telegram": {
-        "token": "",
-        "chat_id": "",
-        "url": "https://api.telegram.org",
-        "timeout": 10.0,
-    },
-    "pushover": {
-        "token": "",
-        "user": "",
-        "url": "https://api.pushover.net/1/messages.json",
-        "priority": "",
-        "retry": "",
-        "expire": "",
-        "sound": "",
-        "device": "",
-        "timeout": 10.0,
-    },
-    "gotify": {
-        "url": "",
-        "token": "",
-        "priority": 5,
-        "timeout": 10.0,
-    },
-    "webhook": {
-        "url": "",
-        "method": "POST",
-        "headers": "",
-        "body": '{"title": "{title}", "content": "{content}"}',
-        "timeout": 10.0,
-    },
-    "email": {
-        "host": "",
-        "port": 465,
-        "security": "auto",
-        "user": "",
-        "password": "",
-        "from": "",
-        "to": "",
-        "timeout": 10.0,
-    },
-    "console": {},
 }
-CHANNEL_TYPES = ("console", "xxtui", "serverchan", "pushplus", "bark", "feishu", "dingtalk", "wecom",
-                 "ntfy", "slack", "discord", "telegram", "pushover", "gotify", "webhook", "email")
 SECRET_KEYS = ("api_key", "key", "token", "access_token", "device_key", "secret", "password")
 # Settings that are secret for one type only: webhook URLs carry their token in the URL, the
 # ntfy topic is the password of a public topic, the Pushover user key pairs with the token.
-SECRET_KEYS_OF_TYPE = {"slack": ("url",), "discord": ("url",), "feishu": ("url",),
-                       "dingtalk": ("url",), "wecom": ("url",), "webhook": ("url", "headers"),
-                       "ntfy": ("topic",), "pushover": ("user",)}
-REQUIRED_KEYS = {"xxtui": ("api_key",), "serverchan": ("key",), "pushplus": ("token",),
-                 "bark": ("device_key",), "feishu": ("token",), "dingtalk": ("access_token",),
-                 "wecom": ("key",), "ntfy": ("topic",), "slack": ("url",), "discord": ("url",),
-                 "telegram": ("token", "chat_id"), "pushover": ("token", "user"),
-                 "gotify": ("url", "token"), "webhook": ("url",), "email": ("host", "to")}
-# The longest text each service takes, and in what unit (reference notify-apis.md §3-§4).
-# report.text cuts the log tail from the top to fit; the title goes on top where a service has
-# no title field of its own.
-TEXT_LIMITS = {
-    "xxtui": (4000, "chars"),        # allbot: content ≤ 4000 characters [T]
-    "serverchan": (6000, "chars"),   # desp ≤ 32 KB: 6000 characters with doubled newlines stay
-                                     # under it even at 4 bytes a character
-    "pushplus": (20000, "chars"),    # no figure published; Apprise uses 20000
-    "bark": (3000, "bytes"),         # the APNs payload is ≤ 4 KB with the title and JSON around it
-    "feishu": (4000, "chars"),       # request body ≤ 20 KB: 4000 characters are ≤ 16 KB of UTF-8
-                                     # even at 4 bytes each, leaving room for the JSON and signature
-    "dingtalk": (4000, "chars"),     # no figure found: the same bound as its sibling Feishu
-    "wecom": (2048, "bytes"),        # text content ≤ 2048 bytes (official)
-    "ntfy": (4096, "bytes"),         # a longer message becomes an attachment
-    "slack": (35000, "chars"),       # Apprise's figure; Slack cuts text at 40000
-    "discord": (2000, "chars"),
-    "telegram": (4096, "chars"),
-    "pushover": (1024, "chars"),
-    "gotify": (20000, "chars"),      # none documented; [report] max_chars bounds it anyway
-    "webhook": (100000, "chars"),    # [report] max_chars bounds it
-    "email": (100000, "chars"),      # [report] max_chars bounds it
-}
-TITLE_LIMITS = {"xxtui": 100, "serverchan": 32, "pushplus": 200, "pushover": 250}
 TITLE_SHARE = 4              # a title takes at most a quarter of a channel's limit: the header fits
-# Error codes in a 2xx answer that a later retry can fix, for the services that document their
-# codes; any other code there is a lasting refusal (bad key, bad signature, keyword missing).
-# Services that document no codes get every 2xx that is not a success retried.
-TEMPORARY_CODES = {
-    "pushplus": (500,),              # 500 system error (api.pushplus.plus/doc-3034446)
-    "feishu": (11232,),              # frequency limit [T]
-    "dingtalk": (-1, 130101),        # system busy; "send too fast" (not in the reference)
-    "wecom": (-1, 45009),            # system busy; "api freq out of limit" (not in the reference)
-}
-NTFY_PRIORITIES = {"min": "1", "low": "2", "default": "3", "high": "4", "max": "5", "urgent": "5"}
 SERVERCHAN_TURBO_URL = "https://sctapi.ftqq.com/{key}.send"          # SCT... keys
 SERVERCHAN3_URL = "https://{uid}.push.ft07.com/send/{key}.send"      # sctp{uid}t... keys
 # Webhook headers whose values are credentials (other header values are not secret: redacting
@@ -280,30 +156,13 @@ SELFTEST_PROGRAM = ("import platform, sys; print('hpcrun selftest on %s, Python 
 SCHEDULER_TIMEOUT = 10       # seconds for one squeue/scontrol/qstat/bjobs call
 MEMORY_SAMPLE_INTERVAL = 10.0  # seconds between two samples of the training's memory
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-ALIVE_JOB_STATES = ("RUNNING", "PENDING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING",
-                    "R", "Q", "H", "S", "E", "RUN", "PEND", "PSUSP", "USUSP", "SSUSP", "r", "qw", "t")
-SCHEDULER_CAUSES = {
-    "TIMEOUT": "time_limit", "DEADLINE": "time_limit", "OUT_OF_MEMORY": "oom",
-    "NODE_FAIL": "node_fail", "BOOT_FAIL": "node_fail", "CANCELLED": "cancelled",
-    "PREEMPTED": "preempted", "FAILED": "exit_code", "COMPLETED": "exit_code",
-    "TERM_RUNLIMIT": "time_limit", "TERM_MEMLIMIT": "oom", "TERM_OWNER": "cancelled",
-    "TERM_ADMIN": "cancelled", "TERM_PREEMPT": "preempted",
-}
 
 RANK_PREFIX_RE = r"^(?:\[[A-Za-z_]*\d+\]:\s?|\d+:\s|\[\d+,\d+\]<\w+>:\s?|[A-Za-z][\w-]*\d: )+"
 # The failure catalogue (reference hpc-facts §7): (cause, tier, pattern). Tier 1: the
-# scheduler's own words; 2: root causes; 3: secondary errors, used only when nothing else
-# matched. Within a tier the earliest line wins: later ranks repeat secondary errors.
+# scheduler's own words (each scheduler's kill_lines, put first); 2: root causes; 3: secondary
+# errors, used only when nothing else matched. Within a tier the earliest line wins: later
+# ranks repeat secondary errors.
 FAILURE_PATTERNS = (
-    ("time_limit", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT"),
-    ("preempted", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO (?:PREEMPTION|JOB REQUEUE)"),
-    ("node_fail", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO NODE FAIL"),
-    ("cancelled", 1, r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+(?: DUE to SIGNAL \w+)? \*\*\*"),
-    ("host_oom", 1, r"Detected \d+ oom[-_]kill event|srun: error: \S+: tasks? [\d,-]+: Out Of Memory"),
-    ("time_limit", 1, r"=>> PBS: job killed: (?:walltime|cput) .* exceeded limit|TERM_RUNLIMIT"),
-    ("host_oom", 1, r"=>> PBS: job killed: v?mem .* exceeded limit|TERM_MEMLIMIT"),
-    ("cancelled", 1, r"TERM_OWNER|TERM_ADMIN"),
-    ("preempted", 1, r"TERM_PREEMPT"),
     ("cuda_oom", 2, r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|OutOfMemoryError"),
     ("accelerator_oom", 2, r"OOM when allocating tensor|RESOURCE_EXHAUSTED: (?:Out of memory|Failed to allocate)|ResourceExhaustedError"),
     ("host_oom", 2, r"(?:\b|_Array)MemoryError\b|std::bad_alloc|DataLoader worker \(pid \d+\) is killed by signal: Killed"),
@@ -835,7 +694,8 @@ def classify_log(lines):
     """(cause, line) of the likeliest root cause in a log tail, or (None, None)."""
     best = None
     in_traceback = in_frame = False
-    patterns = [(cause, tier, re.compile(pattern)) for cause, tier, pattern in FAILURE_PATTERNS]
+    patterns = [(cause, tier, re.compile(pattern))
+                for cause, tier, pattern in scheduler_kill_lines() + FAILURE_PATTERNS]
     for index, raw in enumerate(lines):
         unranked = strip_rank(raw)
         if in_frame and unranked.startswith((" ", "\t")) and not re.match(FRAME_RE, unranked):
@@ -1102,7 +962,7 @@ class Config(object):
         self.warnings = warnings
 
     def get(self, section, key):
-        return self.sections.get(section, {}).get(key, DEFAULTS.get(section, {}).get(key))
+        return self.sections.get(section, {}).get(key, (section_defaults(section) or {}).get(key))
 
     def where(self, section=None, key=None):
         origin = self.origins.get((section, key))
@@ -1153,12 +1013,12 @@ def load_config(flag_path=None, overrides=None, env=None, script_dir=None):
     path = find_config_path(flag_path, env, script_dir)
     file_sections = read_ini(path, "config") if path else {}
     keys_path, key_sections, warnings = read_keys_file(path, file_sections, env)
-    names = set(DEFAULTS) | set(file_sections) | set(key_sections)
+    names = set(DEFAULTS) | set(CHANNELS) | set(file_sections) | set(key_sections)
     names |= set(parse_list(env.get(env_key("notify", "channels"))
                             or file_sections.get("notify", {}).get("channels")))
     sections, origins = {}, {}
     for name in names:
-        merged = dict(DEFAULTS.get(channel_type(name), {}))
+        merged = dict(section_defaults(name) or {})
         layers = ((file_sections.get(name, {}), lambda key: "config '%s'" % path),
                   (key_sections.get(name, {}), lambda key: "keys file '%s'" % keys_path),
                   (env_layer(env, name), lambda key: "environment %s" % env_key(name, key)),
@@ -1175,7 +1035,7 @@ def load_config(flag_path=None, overrides=None, env=None, script_dir=None):
 
 def env_layer(env, section):
     layer = {}
-    for key in set(DEFAULTS.get(channel_type(section), {})) | set(SECRET_KEYS):
+    for key in set(section_defaults(section) or {}) | set(SECRET_KEYS):
         legacy = LEGACY_ENV.get((section, key))
         if legacy and env.get(legacy):
             layer[key] = env[legacy]
@@ -1216,7 +1076,7 @@ def keys_file_path(config_path, file_sections, env):
 def check_config(config):
     """Numbers are numbers, the language is known, unknown keys get a warning."""
     for name, values in sorted(config.sections.items()):
-        defaults = DEFAULTS.get(channel_type(name))
+        defaults = section_defaults(name)
         if defaults is None:
             continue
         for key, value in sorted(values.items()):
@@ -1228,9 +1088,8 @@ def check_config(config):
             elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
                 values[key] = parse_number(value, type(default), config, name, key)
     for name, values in sorted(config.sections.items()):
-        check = CHANNEL_CHECKS.get(channel_type(name))
-        if check:
-            check(config, name, values)
+        if channel_type(name) in CHANNELS and name not in DEFAULTS:
+            CHANNELS[channel_type(name)].check(config, name, values)
     parse_events(config)
     check_templates(config)
     if not re.match(r"^[A-Za-z_][\w./-]*$", str(config.get("report", "metric"))):
@@ -1343,7 +1202,8 @@ def secret_header_values(key, value):
 
 
 def is_secret_setting(section, key):
-    return key in SECRET_KEYS or key in SECRET_KEYS_OF_TYPE.get(channel_type(section), ())
+    channel = CHANNELS.get(channel_type(section))
+    return key in SECRET_KEYS or bool(channel and key in channel.secret)
 
 
 def parse_headers(text, strict=True):
@@ -1397,14 +1257,14 @@ def resolve_channels(config):
     if not names:
         names = ["xxtui"] if config.get("xxtui", "api_key") else ["console"]
     for name in names:
-        if channel_type(name) not in CHANNEL_TYPES:
+        if channel_type(name) not in CHANNELS:
             raise ConfigError("%s: [notify] channels: unknown channel '%s' (known: %s)"
-                              % (config.where("notify", "channels"), name, ", ".join(CHANNEL_TYPES)))
+                              % (config.where("notify", "channels"), name, ", ".join(CHANNELS)))
     channels = []
     for name in names:
         kind = channel_type(name)
-        settings = dict(config.sections.get(name) or DEFAULTS[kind])
-        for key in REQUIRED_KEYS.get(kind, ()):
+        settings = dict(config.sections.get(name) or CHANNELS[kind].defaults())
+        for key in CHANNELS[kind].required:
             settings[key] = str(settings.get(key) or "").strip()
             if not settings[key]:
                 raise ConfigError("%s: [%s] %s is not set (put it in %s or %s)"
@@ -1526,9 +1386,11 @@ def read_json_owned(path, max_bytes=1 << 20, dir_fd=None, shown=None):
 # of str), values (list of numbers; nan and inf allowed: a diverging loss), or a nested table.
 NUMBER_MAX = 1e15             # the largest number a record may hold (seconds, bytes)
 JOB_FIELDS = {
-    "scheduler": "text", "id": "id", "name": "text", "array_id": "id", "array_index": "id",
+    "scheduler": "text", "id": "id", "name": "text", "array_id": "id", "array_index": "index",
+    "array_first": "index", "array_last": "index", "array_step": "index", "array_count": "index",
     "partition": "text", "nodes": "text", "restart_count": "id", "end_time": "number",
     "time_limit": "number", "output_file": "text", "outlives": "bool", "release": "text",
+    "cpus": "index", "gpus": "index", "script": "text",
 }
 RECORD_FIELDS = {
     "run_id": "text", "name": "text", "command": "text", "work_dir": "text", "host": "text",
@@ -1577,6 +1439,9 @@ def check_value(value, kind):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
     if kind == "int":
         return value if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 63 else None
+    if kind == "index":  # a whole number; older records wrote array indices as text
+        value = int(value) if isinstance(value, str) and re.match(r"^-?\d{1,18}$", value) else value
+        return check_value(value, "int")
     if kind == "number":  # finite, and small enough for any arithmetic on times and sizes
         return value if is_number(value) and abs(value) <= NUMBER_MAX else None
     if kind == "bool":
@@ -1641,6 +1506,11 @@ def parse_epoch(value):
     if isinstance(value, str):
         return parse_local_time(value.replace("T", " "))
     return None
+
+
+def marker(run_id, status):
+    """The name of a run's marker in running/ that says this status was reported."""
+    return run_id + MARKER_OF_STATUS[status]
 
 
 def valid_run_id(name):
@@ -1894,94 +1764,396 @@ def has_work(work_dir):
     running = list_dir(state_dir(work_dir, "running"))
     for name in running:
         run_id = name[:-5]
-        if name.endswith(".json") and (run_id + ".lost" not in running or run_id + ".recovered" in running):
+        if name.endswith(".json") and (marker(run_id, "lost") not in running or
+                                       marker(run_id, "recovered") in running):
             return True
     return any(name.endswith(".json") or sub == "claimed"
                for sub in ("done", "claimed", "reminders")
                for name in list_dir(state_dir(work_dir, sub)) if not name.startswith("."))
 
 
-# --- wrap: child process, output relay, signals, heartbeat ---
+# --- schedulers: one entry each, holding every fact hpcrun needs of one batch system ---
 
-def run_quietly(argv, runner=subprocess.run):
-    """stdout of a scheduler command, or None when it is missing, fails or hangs."""
-    if not find_program(argv[0]):
+class Scheduler(object):
+    """What hpcrun asks of a batch system. wrap and monitor never name a scheduler: they ask the
+    entry of the job (scheduler_of). Adding one (Flux, HTCondor) is one subclass in SCHEDULERS.
+
+    A job is a dict of facts (JSON in every record): scheduler, id, name, array_id, array_index,
+    array_first, array_last, array_step, array_count, partition, nodes, cpus, gpus, time_limit,
+    end_time, output_file, script, restart_count, outlives, release."""
+
+    name = None
+    release_command = None   # ends a job: "scancel"
+    client = None            # what a login node asks about a job; reminders need it on PATH
+    kill_lines = ()          # (cause, pattern): what the scheduler writes into the job's output
+    warning_signals = {}     # signal name -> what the scheduler means by it (see warning_cause)
+    extend_advice = None     # how a user may get more time, or None where only an admin can
+    launch_check = False     # whether selftest checks how the wrapper was started (launch_warning)
+
+    def detect(self, env):
+        """The job's facts from its environment, or None when this is not such a job."""
         return None
-    try:
-        result = runner(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                        universal_newlines=True, timeout=SCHEDULER_TIMEOUT)
-    except (OSError, subprocess.SubprocessError):
+
+    def add_facts(self, job, start_time, env, runner):
+        """Facts the environment lacks (end time, time limit, output file), asked once at start."""
+
+    def follow_end(self, job, runner):
+        """(end time, time limit) after a change while the job runs (a raised limit), or None."""
         return None
-    return result.stdout if result.returncode == 0 else None
 
+    def grace(self, default, runner):
+        """Seconds the wrapper may wait for the training after the scheduler's stop signal."""
+        return default
 
-def detect_job(env):
-    """Scheduler facts from the job's environment (Slurm, PBS, LSF, SGE), or None."""
-    if env.get("SLURM_JOB_ID"):
-        return {"scheduler": "slurm", "id": env["SLURM_JOB_ID"], "name": env.get("SLURM_JOB_NAME"),
-                "array_id": env.get("SLURM_ARRAY_JOB_ID"), "array_index": env.get("SLURM_ARRAY_TASK_ID"),
-                "partition": env.get("SLURM_JOB_PARTITION"), "nodes": env.get("SLURM_JOB_NODELIST"),
-                "restart_count": env.get("SLURM_RESTART_COUNT"),
-                "end_time": parse_epoch_text(env.get("SLURM_JOB_END_TIME"))}
-    if env.get("PBS_JOBID"):
-        return {"scheduler": "pbs", "id": env["PBS_JOBID"], "name": env.get("PBS_JOBNAME"),
-                "array_id": None, "array_index": env.get("PBS_ARRAY_INDEX") or env.get("PBS_ARRAYID"),
-                "partition": env.get("PBS_QUEUE"), "nodes": None}
-    if env.get("LSB_JOBID"):
-        index = env.get("LSB_JOBINDEX")
-        return {"scheduler": "lsf", "id": env["LSB_JOBID"], "name": env.get("LSB_JOBNAME"),
-                "array_id": None, "array_index": index if index not in (None, "0") else None,
-                "partition": env.get("LSB_QUEUE"), "nodes": env.get("LSB_HOSTS")}
-    if env.get("JOB_ID") and (env.get("SGE_TASK_ID") or env.get("SGE_ROOT")):
-        index = env.get("SGE_TASK_ID")
-        return {"scheduler": "sge", "id": env["JOB_ID"], "name": env.get("JOB_NAME"),
-                "array_id": None, "array_index": index if index not in (None, "undefined") else None,
-                "partition": env.get("QUEUE"), "nodes": None}
-    return None
-
-
-def allocation_outlives(job, env, parent_comm):
-    """Whether the job may go on (and be billed) after the wrapper exits."""
-    if not job:
+    def outlives(self, env, parent_comm):
+        """Whether the job (and its bill) may go on after the wrapper exits."""
         return False
-    if job["scheduler"] == "slurm":
-        batch_top = (parent_comm or "").strip() == "slurmstepd" and not env.get("SLURM_STEP_ID")
-        return not batch_top
-    if job["scheduler"] == "pbs":
-        return env.get("PBS_ENVIRONMENT") == "PBS_INTERACTIVE"
-    if job["scheduler"] == "lsf":
-        return env.get("LSB_INTERACTIVE") == "Y"
-    return False
 
-
-def release_command(job):
-    if not job or job.get("scheduler") not in RELEASE_COMMANDS:
+    def launch_warning(self, env, parent_comm):
+        """A warning when the wrapper was started so that the scheduler's signals miss it."""
         return None
-    return "%s %s" % (RELEASE_COMMANDS[job["scheduler"]], job["id"])
+
+    def query(self, job_id, runner):
+        """The scheduler's word on a job: a Verdict, or None when it knows nothing."""
+        return None
+
+    def warning_cause(self, name, when, job):
+        """What a warning signal (USR1, USR2) that also killed the training says: a cause, or
+        None when it says nothing (the training just died of a signal)."""
+        return None
 
 
-def slurm_job_fields(job_id, runner=subprocess.run):
-    """JobState, EndTime, TimeLimit, StdOut and StartTime of a Slurm job, as scontrol prints them."""
-    text = run_quietly(["scontrol", "show", "job", job_id], runner) or ""
-    return dict(re.findall(r"\b(JobState|EndTime|TimeLimit|StdOut|StartTime)=(\S+)", text))
+class Verdict(object):
+    """A scheduler's answer about a job: whether it still runs (or waits), its own state word,
+    why it ended in hpcrun's terms (cause), and the reason and exit code it gives."""
+
+    def __init__(self, running, state, cause=None, reason=None, exit_code=None):
+        self.running = running
+        self.state = state
+        self.cause = cause
+        self.reason = reason
+        self.exit_code = exit_code
+
+    def describe(self):
+        parts = [self.state]
+        if self.reason and self.reason not in ("None", "(null)"):
+            parts.append("reason %s" % self.reason)
+        if self.exit_code:
+            parts.append("exit %s" % self.exit_code)
+        return ", ".join(parts)
 
 
-def add_job_times(job, start_time, env, runner=subprocess.run):
-    """End time, time limit and output file of the job, asked of the scheduler at start."""
-    if job["scheduler"] == "slurm":
-        fields = slurm_job_fields(job["id"], runner)
+def int_or_none(text):
+    """An index or count from the environment (SGE writes "undefined" where none applies)."""
+    text = str(text or "").strip()
+    return int(text) if re.match(r"^-?\d+$", text) else None
+
+
+def array_facts(array_id, index, first=None, last=None, step=None, count=None):
+    """The array fields of a job; all None for a job that is not an array task."""
+    index = int_or_none(index)
+    if index is None or not array_id:
+        return {}
+    first, last, step, count = (int_or_none(v) for v in (first, last, step, count))
+    if count is None and first is not None and last is not None:
+        count = (last - first) // (step or 1) + 1
+    return {"array_id": str(array_id), "array_index": index, "array_first": first,
+            "array_last": last, "array_step": step, "array_count": count}
+
+
+class Slurm(Scheduler):
+    name = "slurm"
+    launch_check = True
+    release_command = "scancel"
+    client = "scontrol"
+    kill_lines = (
+        ("time_limit", r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT"),
+        ("preempted", r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO (?:PREEMPTION|JOB REQUEUE)"),
+        ("node_fail", r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO NODE FAIL"),
+        ("cancelled", r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+(?: DUE to SIGNAL \w+)? \*\*\*"),
+        ("host_oom", r"Detected \d+ oom[-_]kill event|srun: error: \S+: tasks? [\d,-]+: Out Of Memory"),
+    )
+    running_states = ("RUNNING", "PENDING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING",
+                      "COMPLETING", "STAGE_OUT")
+    causes = {"TIMEOUT": "time_limit", "DEADLINE": "time_limit", "OUT_OF_MEMORY": "oom",
+              "NODE_FAIL": "node_fail", "BOOT_FAIL": "node_fail", "CANCELLED": "cancelled",
+              "PREEMPTED": "preempted"}
+    extend_advice = ("a running job's limit can only be lowered by you; ask the administrators to "
+                     "raise it, or resubmit with a longer --time")
+
+    def detect(self, env):
+        if not env.get("SLURM_JOB_ID"):
+            return None
+        job = {"scheduler": self.name, "id": env["SLURM_JOB_ID"], "name": env.get("SLURM_JOB_NAME"),
+               "partition": env.get("SLURM_JOB_PARTITION"), "nodes": env.get("SLURM_JOB_NODELIST"),
+               "restart_count": env.get("SLURM_RESTART_COUNT"),
+               "cpus": int_or_none(env.get("SLURM_CPUS_ON_NODE")),
+               "gpus": len(parse_list(env.get("SLURM_JOB_GPUS"))) or int_or_none(env.get("SLURM_GPUS_ON_NODE")),
+               "end_time": parse_epoch_text(env.get("SLURM_JOB_END_TIME"))}
+        job.update(array_facts(env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID"),
+                               env.get("SLURM_ARRAY_TASK_MIN"), env.get("SLURM_ARRAY_TASK_MAX"),
+                               env.get("SLURM_ARRAY_TASK_STEP"), env.get("SLURM_ARRAY_TASK_COUNT")))
+        return job
+
+    def job_fields(self, job_id, runner):
+        """Fields of `scontrol show job` (JobState=RUNNING ...) as a dict."""
+        text = run_quietly(["scontrol", "show", "job", job_id], runner) or ""
+        return dict(re.findall(r"\b(JobState|EndTime|TimeLimit|StdOut|StartTime|Command|Reason|"
+                               r"ExitCode)=(\S+)", text))
+
+    def add_facts(self, job, start_time, env, runner):
+        fields = self.job_fields(job["id"], runner)
         job["end_time"] = job.get("end_time") or parse_slurm_time(fields.get("EndTime"))
         job["time_limit"] = parse_time_limit(fields.get("TimeLimit"))
         job["output_file"] = fields.get("StdOut")
-    walltime = env.get("PBS_WALLTIME")
-    if job["scheduler"] == "pbs" and walltime and walltime.isdigit():
-        job["time_limit"] = int(walltime)
-        job["end_time"] = start_time + int(walltime)
-    if job["scheduler"] == "sge":
-        job["output_file"] = env.get("SGE_STDOUT_PATH")
-    if job["scheduler"] == "lsf":
+        if fields.get("Command") not in (None, "(null)"):
+            job["script"] = fields["Command"]
+
+    def follow_end(self, job, runner):
+        # Only a running job's EndTime is its limit; once it is cancelled it is the cancel time.
+        fields = self.job_fields(job["id"], runner)
+        end_time = parse_slurm_time(fields.get("EndTime"))
+        if end_time and fields.get("JobState") == "RUNNING":
+            return end_time, parse_time_limit(fields.get("TimeLimit")) or job.get("time_limit")
+        return None
+
+    def grace(self, default, runner):
+        """max(KillWait, 5) - 3 seconds: Slurm SIGKILLs KillWait seconds after its SIGTERM."""
+        try:
+            result = runner(["scontrol", "show", "config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, universal_newlines=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return default
+        match = re.search(r"^KillWait\s*=\s*(\d+)", result.stdout or "", re.M)
+        return max(int(match.group(1)), 5) - 3 if match else default
+
+    def outlives(self, env, parent_comm):
+        batch_top = (parent_comm or "").strip() == "slurmstepd" and not env.get("SLURM_STEP_ID")
+        return not batch_top
+
+    def launch_warning(self, env, parent_comm):
+        """The wrapper must be the step's top process, or the time limit SIGKILLs it silently."""
+        if parent_comm is None or parent_comm.strip() in ("slurmstepd", "srun"):
+            return None
+        return ("the wrapper is not the job step's top process (parent: %s): at the time limit Slurm "
+                "kills it without warning. Start it with 'exec python3 hpcrun.py wrap ...' or "
+                "'srun python3 hpcrun.py wrap ...' in the batch script" % parent_comm.strip())
+
+    def query(self, job_id, runner):
+        text = run_quietly(["scontrol", "show", "job", job_id], runner)
+        state = re.search(r"\bJobState=(\S+)", text or "")
+        if state:
+            reason = re.search(r"\bReason=(\S+)", text)
+            exit_code = re.search(r"\bExitCode=(\S+)", text)
+            return self.verdict(state.group(1), reason.group(1) if reason else None,
+                                exit_code.group(1) if exit_code else None)
+        lines = (run_quietly(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"], runner)
+                 or "").splitlines()
+        fields = [line for line in lines if line.strip()][:1]
+        if not fields:
+            return None
+        fields = fields[0].split("|")
+        return self.verdict(fields[0].split()[0], None, fields[1] if len(fields) > 1 else None)
+
+    def verdict(self, state, reason=None, exit_code=None):
+        return Verdict(state in self.running_states, state, self.causes.get(state), reason, exit_code)
+
+
+class PBS(Scheduler):
+    """PBS Pro, OpenPBS and Torque."""
+
+    name = "pbs"
+    release_command = "qdel"
+    client = "qstat"
+    kill_lines = (
+        ("time_limit", r"=>> PBS: job killed: (?:walltime|cput) .* exceeded limit"),
+        ("host_oom", r"=>> PBS: job killed: v?mem .* exceeded limit"),
+    )
+    extend_advice = "you can only lower a running job's walltime; resubmit with a longer -l walltime"
+
+    def detect(self, env):
+        if not env.get("PBS_JOBID"):
+            return None
+        job = {"scheduler": self.name, "id": env["PBS_JOBID"], "name": env.get("PBS_JOBNAME"),
+               "partition": env.get("PBS_QUEUE"), "nodes": None,
+               "cpus": int_or_none(env.get("NCPUS") or env.get("PBS_NUM_PPN"))}
+        array_id = env.get("PBS_ARRAY_ID") or re.sub(r"\[\d+\]", "[]", env["PBS_JOBID"])
+        job.update(array_facts(array_id, env.get("PBS_ARRAY_INDEX") or env.get("PBS_ARRAYID")))
+        return job
+
+    def add_facts(self, job, start_time, env, runner):
+        walltime = env.get("PBS_WALLTIME")
+        if walltime and walltime.isdigit():
+            job["time_limit"] = int(walltime)
+            job["end_time"] = start_time + int(walltime)
+
+    def outlives(self, env, parent_comm):
+        return env.get("PBS_ENVIRONMENT") == "PBS_INTERACTIVE"
+
+    def query(self, job_id, runner):
+        text = run_quietly(["qstat", "-x", "-f", job_id], runner) or run_quietly(["qstat", "-f", job_id], runner)
+        state = re.search(r"job_state = (\S+)", text or "")
+        if not state:
+            return None
+        exit_status = re.search(r"Exit_status = (-?\d+)", text)
+        code = exit_status.group(1) if exit_status else None
+        word = {"R": "RUNNING", "Q": "PENDING", "H": "PENDING", "S": "SUSPENDED", "E": "RUNNING",
+                "B": "RUNNING"}.get(state.group(1), "FINISHED")
+        if code == "-29":  # JOB_EXEC_KILL_WALLTIME
+            return Verdict(False, "TIMEOUT", "time_limit", None, code)
+        return Verdict(word in ("RUNNING", "PENDING", "SUSPENDED"), word, None, None, code)
+
+
+class LSF(Scheduler):
+    name = "lsf"
+    release_command = "bkill"
+    client = "bjobs"
+    kill_lines = (
+        ("time_limit", r"TERM_RUNLIMIT"),
+        ("host_oom", r"TERM_MEMLIMIT"),
+        ("cancelled", r"TERM_OWNER|TERM_ADMIN"),
+        ("preempted", r"TERM_PREEMPT"),
+    )
+    causes = {"TERM_RUNLIMIT": "time_limit", "TERM_MEMLIMIT": "oom", "TERM_OWNER": "cancelled",
+              "TERM_ADMIN": "cancelled", "TERM_PREEMPT": "preempted"}
+
+    def detect(self, env):
+        if not env.get("LSB_JOBID"):
+            return None
+        job = {"scheduler": self.name, "id": env["LSB_JOBID"], "name": env.get("LSB_JOBNAME"),
+               "partition": env.get("LSB_QUEUE"), "nodes": env.get("LSB_HOSTS"),
+               "cpus": int_or_none(env.get("LSB_DJOB_NUMPROC")), "script": env.get("LSB_JOBFILENAME")}
+        index = env.get("LSB_JOBINDEX")
+        if index not in (None, "", "0"):
+            job.update(array_facts(env["LSB_JOBID"], index, None, env.get("LSB_JOBINDEX_END"),
+                                   env.get("LSB_JOBINDEX_STEP")))
+        return job
+
+    def add_facts(self, job, start_time, env, runner):
         job["output_file"] = env.get("LSB_OUTPUTFILE")
-    return job
+
+    def outlives(self, env, parent_comm):
+        return env.get("LSB_INTERACTIVE") == "Y"
+
+    def query(self, job_id, runner):
+        text = run_quietly(["bjobs", "-l", job_id], runner)
+        status = re.search(r"Status <(\w+)>", text or "")
+        if not status:
+            return None
+        term = re.search(r"\b(TERM_\w+)", text)
+        if term:
+            return Verdict(False, term.group(1), self.causes.get(term.group(1)))
+        word = {"RUN": "RUNNING", "PEND": "PENDING"}.get(status.group(1), status.group(1))
+        running = status.group(1) in ("RUN", "PEND", "PSUSP", "USUSP", "SSUSP")
+        return Verdict(running, word)
+
+
+class GridEngine(Scheduler):
+    """Son of Grid Engine and its kin. Never SIGTERM: qdel and h_rt SIGKILL the job's process
+    group; with -notify, SIGUSR2 reaches the whole group `notify` seconds before the kill;
+    s_rt sends SIGUSR1 (reference sge-facts.md)."""
+
+    name = "sge"
+    release_command = "qdel"
+    client = "qstat"
+    warning_signals = {"SIGUSR2": "kill_notice", "SIGUSR1": "soft_limit"}
+
+    def detect(self, env):
+        if not (env.get("JOB_ID") and (env.get("SGE_TASK_ID") or env.get("SGE_ROOT"))):
+            return None
+        job = {"scheduler": self.name, "id": env["JOB_ID"], "name": env.get("JOB_NAME"),
+               "partition": env.get("QUEUE"), "nodes": env.get("HOSTNAME"),
+               "cpus": int_or_none(env.get("NSLOTS")), "script": env.get("JOB_SCRIPT"),
+               "output_file": env.get("SGE_STDOUT_PATH")}
+        job.update(array_facts(env["JOB_ID"], env.get("SGE_TASK_ID"), env.get("SGE_TASK_FIRST"),
+                               env.get("SGE_TASK_LAST"), env.get("SGE_TASK_STEPSIZE")))
+        return job
+
+    def add_facts(self, job, start_time, env, runner):
+        """h_rt (the hard limit, the kill) from `qstat -j`; its end counts from the wrapper's start."""
+        text = run_quietly(["qstat", "-j", job["id"]], runner) or ""
+        limits = re.search(r"^hard resource_list:\s*(.*)$", text, re.M)
+        h_rt = re.search(r"(?:^|,)h_rt=([\d:]+)", limits.group(1)) if limits else None
+        if h_rt:
+            job["time_limit"] = parse_sge_time(h_rt.group(1))
+            job["end_time"] = start_time + job["time_limit"]
+
+    def query(self, job_id, runner):
+        if run_quietly(["qstat", "-j", job_id], runner):
+            return Verdict(True, "RUNNING")
+        text = run_quietly(["qacct", "-j", job_id], runner)
+        if not text:
+            return None
+        failed = re.search(r"^failed\s+(.+)$", text, re.M)
+        exit_status = re.search(r"^exit_status\s+(\d+)", text, re.M)
+        reason = failed.group(1).strip() if failed else None
+        code = exit_status.group(1) if exit_status else None
+        number = int_or_none((reason or "0").split()[0])
+        if number == 37:   # "qmaster enforced h_rt, h_cpu, or h_vmem limit"
+            return Verdict(False, "TIMEOUT", "time_limit", reason, code)
+        if number == 100 or code == "137":   # "assumedly after job": qdel's SIGKILL
+            return Verdict(False, "CANCELLED", "cancelled", reason, code)
+        return Verdict(False, "FAILED" if number else "COMPLETED", None, reason, code)
+
+    def warning_cause(self, name, when, job):
+        """SIGUSR2 is the notice of a kill: at the hard limit (h_rt) a time limit, else a qdel;
+        SIGUSR1 is the soft limit (s_rt)."""
+        meaning = self.warning_signals.get(name)
+        if meaning == "soft_limit":
+            return "time_limit"
+        if meaning == "kill_notice":
+            end_time = (job or {}).get("end_time")
+            near = end_time and when >= end_time - time_limit_slack(job)
+            return "time_limit" if near else "cancelled"
+        return None
+
+
+SCHEDULERS = (Slurm(), PBS(), LSF(), GridEngine())   # asked in this order to detect a job
+NO_SCHEDULER = Scheduler()
+
+
+def scheduler_of(job):
+    """The entry of a job's scheduler (a base entry that knows nothing for an unknown one)."""
+    name = job.get("scheduler") if isinstance(job, dict) else None
+    return next((entry for entry in SCHEDULERS if entry.name == name), NO_SCHEDULER)
+
+
+def detect_job(env):
+    """The facts of the batch job we run in, from its environment, or None."""
+    for entry in SCHEDULERS:
+        job = entry.detect(env)
+        if job:
+            return job
+    return None
+
+
+def query_scheduler(job, runner=subprocess.run):
+    """The scheduler's Verdict on a job, or None when it knows nothing."""
+    if not isinstance(job, dict) or not job.get("id"):
+        return None
+    job_id = str(job["id"])
+    if not re.match(JOB_ID_RE, job_id):
+        return None  # from a record: an argument, never an option of the scheduler's command
+    return scheduler_of(job).query(job_id, runner)
+
+
+def release_command(job):
+    entry = scheduler_of(job)
+    return "%s %s" % (entry.release_command, job["id"]) if entry.release_command and job else None
+
+
+def scheduler_kill_lines():
+    """(cause, tier 1, pattern) of every scheduler's own words in a job's output."""
+    return tuple((cause, 1, pattern) for entry in SCHEDULERS for cause, pattern in entry.kill_lines)
+
+
+def parse_sge_time(text):
+    """Seconds of an SGE time (h_rt=0:0:20, 3600, 1:30:00)."""
+    parts = [int(part) for part in text.split(":") if part.isdigit()]
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + part
+    return seconds or None
 
 
 def parse_slurm_time(text):
@@ -2013,13 +2185,33 @@ def parse_epoch_text(text):
         return None
 
 
+def time_limit_slack(job):
+    """Schedulers' timers may fire up to a minute off; a short job gets a tenth of its limit."""
+    limit = (job or {}).get("time_limit")
+    return min(TIME_LIMIT_SLACK, 0.1 * limit) if limit else TIME_LIMIT_SLACK
+
+
 def job_label(job):
     if not job:
         return None
-    label = "%s %s" % (job["scheduler"], job["id"])
+    label = "%s %s" % (job.get("scheduler"), job.get("id"))
     if job.get("array_index") is not None and job.get("array_id"):
-        label = "%s %s_%s" % (job["scheduler"], job["array_id"], job["array_index"])
+        label = "%s %s_%s" % (job.get("scheduler"), job["array_id"], job["array_index"])
     return label + (" (%s)" % job["name"] if job.get("name") else "")
+
+
+# --- wrap: child process, output relay, signals, heartbeat ---
+
+def run_quietly(argv, runner=subprocess.run):
+    """stdout of a scheduler command, or None when it is missing, fails or hangs."""
+    if not find_program(argv[0]):
+        return None
+    try:
+        result = runner(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                        universal_newlines=True, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
 
 
 def default_run_name(name, job, work_dir):
@@ -2202,25 +2394,11 @@ def read_counter(path, name):
     return None
 
 
-def slurm_grace(default, runner=subprocess.run):
-    """Seconds the wrapper may wait for the training after SIGTERM: max(KillWait, 5) - 3 on Slurm."""
-    try:
-        result = runner(["scontrol", "show", "config"], stdout=subprocess.PIPE,
-                        stderr=subprocess.DEVNULL, universal_newlines=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return default
-    match = re.search(r"^KillWait\s*=\s*(\d+)", result.stdout or "", re.M)
-    return max(int(match.group(1)), 5) - 3 if match else default
+def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oom_after, warnings=None):
+    """(status, exit_code, signal name, cause) of a finished or stopped training.
 
-
-def time_limit_slack(job):
-    """Slurm's timers may fire up to a minute off; a short job gets a tenth of its limit."""
-    limit = job.get("time_limit")
-    return min(TIME_LIMIT_SLACK, 0.1 * limit) if limit else TIME_LIMIT_SLACK
-
-
-def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oom_after):
-    """(status, exit_code, signal name, cause) of a finished or stopped training."""
+    warnings: {signal name: when} of the warning signals the scheduler sent (SGE's SIGUSR2
+    before a kill reaches the whole process group: a training without a handler dies of it)."""
     if wrapper_signal:
         name = signal_name(wrapper_signal)
         end_time = (job or {}).get("end_time")
@@ -2237,6 +2415,8 @@ def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oo
         name = signal_name(-returncode)
         if name == "SIGKILL" and oom_before is not None and (oom_after or 0) > oom_before:
             cause = "oom"
+        elif name in (warnings or {}):
+            cause = scheduler_of(job).warning_cause(name, warnings[name], job) or "signal"
         else:
             cause = "crash" if name in CRASH_SIGNALS else "signal"
         return "killed", 128 - returncode, name, cause
@@ -2247,26 +2427,30 @@ def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oo
 class Wrapper(object):
     """One wrapped training: its records, its child, its signals."""
 
-    def __init__(self, args, config, env, now=time.time):
+    def __init__(self, args, config, env, now=time.time, runner=subprocess.run, parent_comm=None):
         self.args = args
         self.config = config
         self.env = env
         self.now = now
+        self.runner = runner
         self.work_dir = os.path.abspath(args.work_dir)
         self.host = host_name()
-        self.job = detect_job(env)
         self.start_time = now()
+        self.job = job_facts(env, self.start_time, parent_comm, runner)
+        self.scheduler = scheduler_of(self.job)
+        self.grace = config.get("wrap", "grace") or (self.scheduler.grace(DEFAULT_GRACE, runner) if self.job
+                                                     else DEFAULT_GRACE)
         self.run_id = new_run_id(self.start_time, self.host)
         self.name = default_run_name(args.name, self.job, self.work_dir)
         self.command = args.command if args.command else " ".join(shlex.quote(a) for a in args.program)
         self.child = None
         self.child_exit_time = None
-        self.grace = DEFAULT_GRACE
         self.cpu_at_start = self.cpu_while_running = None  # CPU seconds: the cost of wrapping
         self.relay = None
         self.log_path = None
         self.seq = 0
         self.signals = []            # (signal number, wall time) in order of arrival
+        self.warning_signals = {}    # signal name -> when the last warning signal (USR1, USR2) came
         self.warnings = []
         self.stopped = threading.Event()
         self.lock = threading.Lock()
@@ -2275,6 +2459,7 @@ class Wrapper(object):
         self.peak_rss = 0
         self.gpus = gpu_facts(env)
         self.warned = set()          # warnings printed once, not once per heartbeat
+        self.oom_before = None       # the cgroup's OOM kill count when the training started
         self.subreaper = False       # orphans of the training become our children (Linux)
 
     def paths(self, sub):
@@ -2378,25 +2563,23 @@ class Wrapper(object):
                 self.recheck_end_time(recheck_before)
                 self.write_running()
 
-    def recheck_end_time(self, recheck_before, runner=subprocess.run):
-        """A Slurm job's time limit can be raised while it runs (scontrol update). From just
-        before the time-limit warning on, ask again each heartbeat, so that the warning, status
-        and the time-limit cause follow a new end (about 12 calls a job with the defaults).
-        Only a running job's EndTime is its limit; once it is cancelled it is the cancel time."""
+    def recheck_end_time(self, recheck_before):
+        """A job's time limit can be raised while it runs (Slurm: scontrol update). From just
+        before the time-limit warning on, ask the scheduler again each heartbeat, so that the
+        warning, status and the time-limit cause follow a new end (about 12 calls a job with the
+        defaults)."""
         job = self.job
-        if not job or job.get("scheduler") != "slurm" or not job.get("end_time") or self.signals or \
-                job["end_time"] - self.now() > recheck_before:
+        if not job or not job.get("end_time") or self.signals or job["end_time"] - self.now() > recheck_before:
             return
-        fields = slurm_job_fields(job["id"], runner)
-        end_time = parse_slurm_time(fields.get("EndTime"))
-        if end_time and fields.get("JobState") == "RUNNING" and not self.signals:
+        followed = self.scheduler.follow_end(job, self.runner)
+        if followed and not self.signals:
             with self.lock:
-                job["end_time"] = end_time
-                job["time_limit"] = parse_time_limit(fields.get("TimeLimit")) or job.get("time_limit")
+                job["end_time"], job["time_limit"] = followed
 
     def on_signal(self, number, frame):
         name = signal_name(number)
         if number in [signal_number(s) for s in WARNING_SIGNALS]:
+            self.warning_signals[name] = self.now()
             self.warnings.append(signal_warning(name, self.now(), (self.job or {}).get("end_time")))
             if number in self.forward and self.child:
                 signal_tree(self.child.pid, number)
@@ -2459,7 +2642,7 @@ class Wrapper(object):
         number, when = signals[0] if signals else (None, None)
         oom_after = read_cgroup_oom_kills() if final else None
         status, exit_code, sig, cause = classify_ending(
-            returncode, number, when, self.job, self.oom_before, oom_after)
+            returncode, number, when, self.job, self.oom_before, oom_after, dict(self.warning_signals))
         end_time = self.now()
         record = self.base_record()
         record.update(status=status, exit_code=exit_code, signal=sig, cause=cause, final=final,
@@ -2735,17 +2918,6 @@ def restore_signal_handlers(previous):
         signal.signal(number, handler)
 
 
-def slurm_launch_warning(job, ppid_comm):
-    """Under Slurm the wrapper must be the step's top process, or the time limit SIGKILLs it silently."""
-    if not job or job["scheduler"] != "slurm" or ppid_comm is None:
-        return None
-    if ppid_comm.strip() in ("slurmstepd", "srun"):
-        return None
-    return ("the wrapper is not the job step's top process (parent: %s): at the time limit Slurm "
-            "kills it without warning. Start it with 'exec python3 hpcrun.py wrap ...' or "
-            "'srun python3 hpcrun.py wrap ...' in the batch script" % ppid_comm.strip())
-
-
 def read_parent_comm():
     try:
         with open("/proc/%d/comm" % os.getppid(), encoding="utf-8", errors="replace") as stream:
@@ -2754,15 +2926,22 @@ def read_parent_comm():
         return None
 
 
+def job_facts(env, start_time, parent_comm, runner=subprocess.run):
+    """The batch job we run in, with every fact its scheduler gives at start, or None."""
+    job = detect_job(env)
+    if job:
+        entry = scheduler_of(job)
+        entry.add_facts(job, start_time, env, runner)
+        job["outlives"] = entry.outlives(env, parent_comm)
+        job["release"] = release_command(job)
+    return job
+
+
 def wrap_training(args, config, env):
     """Run the training under the wrapper; the completion record is on disk when this returns."""
-    wrapper = Wrapper(args, config, env)
     parent_comm = read_parent_comm()
-    if wrapper.job:
-        add_job_times(wrapper.job, wrapper.start_time, env)
-        wrapper.job["outlives"] = allocation_outlives(wrapper.job, env, parent_comm)
-        wrapper.job["release"] = release_command(wrapper.job)
-    warning = slurm_launch_warning(wrapper.job, parent_comm)
+    wrapper = Wrapper(args, config, env, parent_comm=parent_comm)
+    warning = wrapper.scheduler.launch_warning(env, parent_comm) if wrapper.job else None
     if warning:
         print_warning(warning)
     try:
@@ -2770,9 +2949,6 @@ def wrap_training(args, config, env):
     except OSError as error:
         print_warning("cannot register '%s' in '%s': %s" % (wrapper.work_dir, hpcrun_home(env),
                                                            error.strerror or error))
-    wrapper.grace = config.get("wrap", "grace") or DEFAULT_GRACE
-    if wrapper.job and wrapper.job["scheduler"] == "slurm" and not config.get("wrap", "grace"):
-        wrapper.grace = slurm_grace(DEFAULT_GRACE)
     previous = install_signal_handlers(wrapper.on_signal)
     try:
         record = wrapper.start() or wrapper.finish(wrapper.wait())
@@ -2931,7 +3107,7 @@ def read_log_lines(record, work_dir, messages, roots, uid=None):
 def scheduler_output_lines(record, work_dir, roots, uid=None):
     """The end of the job's own output file (slurm-%j.out), where the scheduler writes why it killed."""
     path = (record.get("job") or {}).get("output_file")
-    if not path or record.get("status") not in ("lost", "killed", "terminated"):
+    if not path or record.get("status") not in ("lost", "killed", "terminated"):  # the scheduler stopped it?
         return []
     try:
         return [mask_secrets(line) for line in mask_key_blocks(read_named_tail(record, path, work_dir, 50, roots, uid))]
@@ -2943,7 +3119,7 @@ def resolve_cause(record, lines, scheduler_lines=()):
     """(cause, the log line that shows it): the ending's facts first, then the log; the
     scheduler's own output file (scheduler_lines) may say why it stopped a job."""
     recorded = record.get("cause")
-    if record.get("status") not in ("failed", "killed", "terminated", "lost"):
+    if record.get("status") not in CAUSE_STATUSES:
         return None, None
     if recorded == "cancelled":  # the scheduler's output file may say why: preemption, time limit
         cause, line = classify_log(list(scheduler_lines))
@@ -3066,15 +3242,10 @@ def report_title(status, fields, messages):
     if status in STATUSES and fields["cause"] == "time_limit":
         return messages["title_time_limit"].format(**fields) + " · " + fields["duration"]
     title = messages["title_" + status].format(**fields)
-    if status == "success":
-        extras = [fields["duration"]]
-    elif status == "failed":
-        extras = [fields["label"]] if fields["cause"] == "start_failed" else \
-            [fields["label"], "exit %s" % fields["exit_code"]]  # nothing ran: no exit code to show
-    elif status in ("killed", "terminated"):
-        extras = [fields["label"], fields["signal"]]
-    else:
-        extras = []
+    shown = {"duration": fields["duration"], "label": fields["label"], "signal": fields["signal"],
+             # nothing ran when the command could not start: no exit code to show
+             "exit": "exit %s" % fields["exit_code"] if fields["cause"] != "start_failed" else None}
+    extras = [shown[extra] for extra in TITLE_EXTRAS.get(status, ())]
     return " · ".join([title] + [extra for extra in extras if extra])
 
 
@@ -3367,14 +3538,6 @@ def has_field(body, name):
     return answer is not None and answer.get(name) not in (None, "")
 
 
-def short_title(title, kind):
-    """A title within the channel's title field (when it has a limit of its own) and within a
-    share of its text limit: a 1200-character job name must not push the report out."""
-    title = fit_title(title, *TEXT_LIMITS[kind])
-    field = TITLE_LIMITS.get(kind)
-    return title if not field or len(title) <= field else cut_to_size(title, field, "chars")
-
-
 def titled_text(report, limit, unit):
     """Title line and body within one limit, for services that have no title field: the title
     takes at most a share of the limit, so that the header always fits."""
@@ -3404,19 +3567,90 @@ def is_2xx(status):
     return 200 <= status < 300
 
 
-def send_console(settings, report, secrets=()):
-    emit("%s\n%s" % (report.title, report.text(report.max_chars)))
+class Channel(object):
+    """A push service and every fact about it: its [section] settings with their defaults
+    (config.ini.example mirrors them), which must be set and which are secret, how long a
+    message may be and in what unit, which refusals a retry can fix, how its settings are
+    checked when the config loads, and how it sends (bottle's adapters: one class holds all of
+    one service). CHANNELS names them; the rest of hpcrun asks the entry."""
+
+    name = None
+    settings = {}            # its keys and defaults; every channel also has timeout (seconds)
+    required = ()            # keys that must be set
+    secret = ()              # keys secret for this service beyond SECRET_KEYS (a URL with a token)
+    text_limit = (4000, "chars")   # the longest text it takes, and in what unit
+    title_limit = None       # its own title field's limit in characters, if it has one
+    temporary_codes = None   # codes in a 2xx answer a retry can fix; None: any 2xx refusal retries
+
+    def defaults(self):
+        return dict(self.settings, timeout=10.0)
+
+    def check(self, config, section, values):
+        """Refuse settings the service would refuse (a ConfigError when the config loads)."""
+
+    def send(self, settings, report, secrets=()):
+        raise NotImplementedError
+
+    def title(self, report):
+        """The title within its field's limit and within a share of the text's limit."""
+        title = fit_title(report.title, *self.text_limit)
+        limit = self.title_limit
+        return title if not limit or len(title) <= limit else cut_to_size(title, limit, "chars")
+
+    def text(self, report):
+        return report.text(*self.text_limit)
+
+    def titled(self, report):
+        """Title line and body within the one limit, for a service with no title field."""
+        return titled_text(report, *self.text_limit)
+
+    def refusal(self, status, body, headers, secrets, code_field="code", text_fields=("msg", "message")):
+        return refusal(status, body, headers, secrets, code_field, text_fields, self.temporary_codes)
 
 
-def send_xxtui(settings, report, secrets=()):
-    url = fill_template(settings.get("url") or DEFAULTS["xxtui"]["url"], "key", settings["api_key"])
-    payload = {"title": short_title(report.title, "xxtui"),
-               "content": report.text(*TEXT_LIMITS["xxtui"]), "from": settings.get("from") or "hpcrun"}
-    if settings.get("channel"):
-        payload["channel"] = settings["channel"]
-    status, body, headers = http_post_json(url, payload, settings, secrets)
-    if not (is_2xx(status) and field_is(body, "code", 0)):
-        raise refusal(status, body, headers, secrets)
+class Console(Channel):
+    name = "console"
+
+    def defaults(self):
+        return {}
+
+    def send(self, settings, report, secrets=()):
+        emit("%s\n%s" % (report.title, report.text(report.max_chars)))
+
+
+class Xxtui(Channel):
+    name = "xxtui"
+    settings = {"url": "https://www.xxtui.com/xxtui/{key}", "api_key": "", "from": "hpcrun", "channel": ""}
+    required = ("api_key",)
+    text_limit = (4000, "chars")     # allbot: content ≤ 4000 characters [T]
+    title_limit = 100
+
+    def send(self, settings, report, secrets=()):
+        url = fill_template(settings.get("url") or self.settings["url"], "key", settings["api_key"])
+        payload = {"title": self.title(report), "content": self.text(report),
+                   "from": settings.get("from") or "hpcrun"}
+        if settings.get("channel"):
+            payload["channel"] = settings["channel"]
+        status, body, headers = http_post_json(url, payload, settings, secrets)
+        if not (is_2xx(status) and field_is(body, "code", 0)):
+            raise self.refusal(status, body, headers, secrets)
+
+
+class ServerChan(Channel):
+    name = "serverchan"
+    settings = {"key": "", "url": ""}
+    required = ("key",)
+    # desp ≤ 32 KB: 6000 characters with doubled newlines stay under it even at 4 bytes a character
+    text_limit = (6000, "chars")
+    title_limit = 32
+
+    def send(self, settings, report, secrets=()):
+        # desp is Markdown: a single newline would run the log lines together
+        payload = {"title": self.title(report), "desp": self.text(report).replace("\n", "\n\n")}
+        status, body, headers = http_post_json(serverchan_url(settings["key"], settings.get("url")),
+                                               payload, settings, secrets)
+        if not (is_2xx(status) and field_is(body, "code", 0)):
+            raise self.refusal(status, body, headers, secrets, "code", ("message", "info"))
 
 
 def serverchan_url(key, url=""):
@@ -3428,40 +3662,67 @@ def serverchan_url(key, url=""):
     return fill_template(url.replace("{uid}", uid), "key", key)
 
 
-def send_serverchan(settings, report, secrets=()):
-    # desp is Markdown: a single newline would run the log lines together
-    payload = {"title": short_title(report.title, "serverchan"),
-               "desp": report.text(*TEXT_LIMITS["serverchan"]).replace("\n", "\n\n")}
-    status, body, headers = http_post_json(serverchan_url(settings["key"], settings.get("url")),
-                                           payload, settings, secrets)
-    if not (is_2xx(status) and field_is(body, "code", 0)):
-        raise refusal(status, body, headers, secrets, "code", ("message", "info"))
+class PushPlus(Channel):
+    name = "pushplus"
+    settings = {"token": "", "url": "https://www.pushplus.plus/send", "template": "txt", "channel": "",
+                "topic": ""}
+    required = ("token",)
+    text_limit = (20000, "chars")    # no figure published; Apprise uses 20000
+    title_limit = 200
+    temporary_codes = (500,)         # 500 system error (api.pushplus.plus/doc-3034446)
+
+    def send(self, settings, report, secrets=()):
+        payload = {"token": settings["token"], "title": self.title(report), "content": self.text(report),
+                   "template": settings.get("template") or "txt"}
+        for key in ("channel", "topic"):
+            if settings.get(key):
+                payload[key] = settings[key]
+        status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
+        if not (is_2xx(status) and field_is(body, "code", 200)):
+            raise self.refusal(status, body, headers, secrets)
 
 
-def send_pushplus(settings, report, secrets=()):
-    payload = {"token": settings["token"], "title": short_title(report.title, "pushplus"),
-               "content": report.text(*TEXT_LIMITS["pushplus"]),
-               "template": settings.get("template") or "txt"}
-    for key in ("channel", "topic"):
-        if settings.get(key):
-            payload[key] = settings[key]
-    status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
-    if not (is_2xx(status) and field_is(body, "code", 200)):
-        raise refusal(status, body, headers, secrets, temporary_codes=TEMPORARY_CODES["pushplus"])
+class Bark(Channel):
+    name = "bark"
+    settings = {"device_key": "", "url": "https://api.day.app", "group": "hpcrun", "level": "", "sound": ""}
+    required = ("device_key",)
+    text_limit = (3000, "bytes")     # the APNs payload is ≤ 4 KB with the title and JSON around it
+
+    def send(self, settings, report, secrets=()):
+        title = self.title(report)   # one APNs payload holds title and body
+        limit, unit = self.text_limit
+        payload = {"device_key": settings["device_key"], "title": title,
+                   "body": report.text(max(limit - text_size(title, unit), 1), unit)}
+        for key in ("group", "level", "sound"):
+            if settings.get(key):
+                payload[key] = settings[key]
+        status, body, headers = http_post_json(settings["url"].rstrip("/") + "/push", payload, settings,
+                                               secrets)
+        if not (is_2xx(status) and field_is(body, "code", 200)):
+            raise self.refusal(status, body, headers, secrets)
 
 
-def send_bark(settings, report, secrets=()):
-    title = short_title(report.title, "bark")   # one APNs payload holds title and body
-    limit, unit = TEXT_LIMITS["bark"]
-    payload = {"device_key": settings["device_key"], "title": title,
-               "body": report.text(max(limit - text_size(title, unit), 1), unit)}
-    for key in ("group", "level", "sound"):
-        if settings.get(key):
-            payload[key] = settings[key]
-    url = settings["url"].rstrip("/") + "/push"
-    status, body, headers = http_post_json(url, payload, settings, secrets)
-    if not (is_2xx(status) and field_is(body, "code", 200)):
-        raise refusal(status, body, headers, secrets)
+class Feishu(Channel):
+    """Feishu and Lark custom bots ([feishu] with a Lark url)."""
+
+    name = "feishu"
+    settings = {"token": "", "secret": "", "url": "https://open.feishu.cn/open-apis/bot/v2/hook/{token}"}
+    required = ("token",)
+    secret = ("url",)
+    # request body ≤ 20 KB: 4000 characters are ≤ 16 KB of UTF-8 even at 4 bytes each
+    text_limit = (4000, "chars")
+    temporary_codes = (11232,)       # frequency limit [T]
+
+    def send(self, settings, report, secrets=(), now=time.time):
+        payload = {"msg_type": "text", "content": {"text": self.titled(report)}}
+        if settings.get("secret"):
+            timestamp = str(int(now()))
+            payload.update(timestamp=timestamp, sign=feishu_sign(settings["secret"], timestamp))
+        url = fill_template(settings["url"], "token", settings["token"])
+        status, body, headers = http_post_json(url, payload, settings, secrets)
+        answer = decode_json_body(body) or {}
+        if not (is_2xx(status) and str(answer.get("code", answer.get("StatusCode"))) == "0"):
+            raise self.refusal(status, body, headers, secrets)
 
 
 def feishu_sign(secret, timestamp):
@@ -3473,16 +3734,19 @@ def feishu_sign(secret, timestamp):
     return base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode("ascii")
 
 
-def send_feishu(settings, report, secrets=(), now=time.time):
-    payload = {"msg_type": "text", "content": {"text": titled_text(report, *TEXT_LIMITS["feishu"])}}
-    if settings.get("secret"):
-        timestamp = str(int(now()))
-        payload.update(timestamp=timestamp, sign=feishu_sign(settings["secret"], timestamp))
-    url = fill_template(settings["url"], "token", settings["token"])
-    status, body, headers = http_post_json(url, payload, settings, secrets)
-    answer = decode_json_body(body) or {}
-    if not (is_2xx(status) and str(answer.get("code", answer.get("StatusCode"))) == "0"):
-        raise refusal(status, body, headers, secrets, temporary_codes=TEMPORARY_CODES["feishu"])
+class DingTalk(Channel):
+    name = "dingtalk"
+    settings = {"access_token": "", "secret": "", "url": "https://oapi.dingtalk.com/robot/send"}
+    required = ("access_token",)
+    secret = ("url",)
+    text_limit = (4000, "chars")     # no figure found: the same bound as its sibling Feishu
+    temporary_codes = (-1, 130101)   # system busy; "send too fast" (not in the reference)
+
+    def send(self, settings, report, secrets=(), now=time.time):
+        payload = {"msgtype": "text", "text": {"content": self.titled(report)}}
+        status, body, headers = http_post_json(dingtalk_url(settings, now), payload, settings, secrets)
+        if not (is_2xx(status) and field_is(body, "errcode", 0)):
+            raise self.refusal(status, body, headers, secrets, "errcode", ("errmsg",))
 
 
 def dingtalk_sign(secret, timestamp):
@@ -3509,23 +3773,51 @@ def dingtalk_url(settings, now=time.time):
     return url
 
 
-def send_dingtalk(settings, report, secrets=(), now=time.time):
-    payload = {"msgtype": "text", "text": {"content": titled_text(report, *TEXT_LIMITS["dingtalk"])}}
-    status, body, headers = http_post_json(dingtalk_url(settings, now), payload, settings, secrets)
-    if not (is_2xx(status) and field_is(body, "errcode", 0)):
-        raise refusal(status, body, headers, secrets, "errcode", ("errmsg",),
-                      TEMPORARY_CODES["dingtalk"])
+class WeCom(Channel):
+    name = "wecom"
+    settings = {"key": "", "url": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send"}
+    required = ("key",)
+    secret = ("url",)
+    text_limit = (2048, "bytes")     # text content ≤ 2048 bytes (official)
+    temporary_codes = (-1, 45009)    # system busy; "api freq out of limit" (not in the reference)
+
+    def send(self, settings, report, secrets=()):
+        from urllib.parse import quote
+        url = "%s%skey=%s" % (settings["url"], "&" if "?" in settings["url"] else "?",
+                              quote(settings["key"], safe=""))
+        payload = {"msgtype": "text", "text": {"content": self.titled(report)}}
+        status, body, headers = http_post_json(url, payload, settings, secrets)
+        if not (is_2xx(status) and field_is(body, "errcode", 0)):
+            raise self.refusal(status, body, headers, secrets, "errcode", ("errmsg",))
 
 
-def send_wecom(settings, report, secrets=()):
-    from urllib.parse import quote
-    url = "%s%skey=%s" % (settings["url"], "&" if "?" in settings["url"] else "?",
-                          quote(settings["key"], safe=""))
-    payload = {"msgtype": "text", "text": {"content": titled_text(report, *TEXT_LIMITS["wecom"])}}
-    status, body, headers = http_post_json(url, payload, settings, secrets)
-    if not (is_2xx(status) and field_is(body, "errcode", 0)):
-        raise refusal(status, body, headers, secrets, "errcode", ("errmsg",),
-                      TEMPORARY_CODES["wecom"])
+class Ntfy(Channel):
+    name = "ntfy"
+    settings = {"url": "https://ntfy.sh", "topic": "", "token": "", "user": "", "password": "",
+                "priority": "3", "tags": ""}
+    required = ("topic",)
+    secret = ("topic",)              # the topic name is the password of a public topic
+    text_limit = (4096, "bytes")     # a longer message becomes an attachment
+    priorities = {"min": "1", "low": "2", "default": "3", "high": "4", "max": "5", "urgent": "5"}
+
+    def check(self, config, section, values):
+        """Priority 1-5 or its names: a typo is a config error now, not a refusal at 3 a.m."""
+        priority = str(values.get("priority") or "3").strip().lower()
+        if priority not in self.priorities and priority not in ("1", "2", "3", "4", "5"):
+            raise ConfigError("%s: [%s] priority: '%s' is not 1 to 5 or one of %s" % (
+                config.where(section, "priority"), section, values.get("priority"), ", ".join(self.priorities)))
+        values["priority"] = self.priorities.get(priority, priority)
+
+    def send(self, settings, report, secrets=()):
+        # JSON to the server root: the title travels in the body, where UTF-8 is fine (headers are latin-1)
+        payload = {"topic": settings["topic"], "title": self.title(report), "message": self.text(report),
+                   "priority": int(self.priorities.get(str(settings.get("priority")), settings.get("priority") or 3))}
+        if parse_list(settings.get("tags")):
+            payload["tags"] = parse_list(settings["tags"])
+        url = settings["url"].rstrip("/") + "/"
+        status, body, headers = http_post_json(url, payload, settings, secrets, ntfy_auth(settings))
+        if not (is_2xx(status) and has_field(body, "id")):
+            raise self.refusal(status, body, headers, secrets, "code", ("error",))
 
 
 def ntfy_auth(settings):
@@ -3539,26 +3831,18 @@ def ntfy_auth(settings):
     return {}
 
 
-def check_ntfy(config, name, values):
-    """ntfy takes priority 1-5 or its names: a typo is a config error now, not a refusal at 3 a.m."""
-    priority = str(values.get("priority") or "3").strip().lower()
-    if priority not in NTFY_PRIORITIES and priority not in ("1", "2", "3", "4", "5"):
-        raise ConfigError("%s: [%s] priority: '%s' is not 1 to 5 or one of %s" % (
-            config.where(name, "priority"), name, values.get("priority"), ", ".join(NTFY_PRIORITIES)))
-    values["priority"] = NTFY_PRIORITIES.get(priority, priority)
+class Slack(Channel):
+    name = "slack"
+    settings = {"url": ""}
+    required = ("url",)
+    secret = ("url",)
+    text_limit = (35000, "chars")    # Apprise's figure; Slack cuts text at 40000
 
-
-def send_ntfy(settings, report, secrets=()):
-    # JSON to the server root: the title travels in the body, where UTF-8 is fine (headers are latin-1)
-    payload = {"topic": settings["topic"], "title": short_title(report.title, "ntfy"),
-               "message": report.text(*TEXT_LIMITS["ntfy"]),
-               "priority": int(NTFY_PRIORITIES.get(str(settings.get("priority")), settings.get("priority") or 3))}
-    if parse_list(settings.get("tags")):
-        payload["tags"] = parse_list(settings["tags"])
-    url = settings["url"].rstrip("/") + "/"
-    status, body, headers = http_post_json(url, payload, settings, secrets, ntfy_auth(settings))
-    if not (is_2xx(status) and has_field(body, "id")):
-        raise refusal(status, body, headers, secrets, "code", ("error",))
+    def send(self, settings, report, secrets=()):
+        payload = {"text": slack_escape(self.titled(report))}
+        status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
+        if not (status == 200 and body.strip() == b"ok"):
+            raise self.refusal(status, body, headers, secrets)
 
 
 def slack_escape(text):
@@ -3566,73 +3850,106 @@ def slack_escape(text):
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def send_slack(settings, report, secrets=()):
-    payload = {"text": slack_escape(titled_text(report, *TEXT_LIMITS["slack"]))}
-    status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
-    if not (status == 200 and body.strip() == b"ok"):
-        raise refusal(status, body, headers, secrets)
+class Discord(Channel):
+    name = "discord"
+    settings = {"url": "", "username": "hpcrun"}
+    required = ("url",)
+    secret = ("url",)
+    text_limit = (2000, "chars")
+
+    def send(self, settings, report, secrets=()):
+        # allowed_mentions: an "@everyone" in the log must not ping the whole server
+        payload = {"content": self.titled(report), "allowed_mentions": {"parse": []}}
+        if settings.get("username"):
+            payload["username"] = settings["username"]
+        status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
+        if status not in (200, 204):
+            raise self.refusal(status, body, headers, secrets, "code", ("message",))
 
 
-def send_discord(settings, report, secrets=()):
-    # allowed_mentions: an "@everyone" in the log must not ping the whole server
-    payload = {"content": titled_text(report, *TEXT_LIMITS["discord"]),
-               "allowed_mentions": {"parse": []}}
-    if settings.get("username"):
-        payload["username"] = settings["username"]
-    status, body, headers = http_post_json(settings["url"], payload, settings, secrets)
-    if status not in (200, 204):
-        raise refusal(status, body, headers, secrets, "code", ("message",))
+class Telegram(Channel):
+    name = "telegram"
+    settings = {"token": "", "chat_id": "", "url": "https://api.telegram.org"}
+    required = ("token", "chat_id")
+    text_limit = (4096, "chars")
+
+    def send(self, settings, report, secrets=()):
+        from urllib.parse import quote
+        chat_id = settings["chat_id"]
+        payload = {"chat_id": int(chat_id) if re.match(r"^-?\d+$", chat_id) else chat_id,
+                   "text": self.titled(report), "disable_web_page_preview": True}
+        url = "%s/bot%s/sendMessage" % (settings["url"].rstrip("/"), quote(settings["token"], safe=":"))
+        status, body, headers = http_post_json(url, payload, settings, secrets)
+        answer = decode_json_body(body)
+        if not (is_2xx(status) and answer is not None and answer.get("ok") is True):
+            raise self.refusal(status, body, headers, secrets, "error_code", ("description",))
 
 
-def send_telegram(settings, report, secrets=()):
-    from urllib.parse import quote
-    chat_id = settings["chat_id"]
-    payload = {"chat_id": int(chat_id) if re.match(r"^-?\d+$", chat_id) else chat_id,
-               "text": titled_text(report, *TEXT_LIMITS["telegram"]), "disable_web_page_preview": True}
-    url = "%s/bot%s/sendMessage" % (settings["url"].rstrip("/"), quote(settings["token"], safe=":"))
-    status, body, headers = http_post_json(url, payload, settings, secrets)
-    answer = decode_json_body(body)
-    if not (is_2xx(status) and answer is not None and answer.get("ok") is True):
-        raise refusal(status, body, headers, secrets, "error_code", ("description",))
+class Pushover(Channel):
+    name = "pushover"
+    settings = {"token": "", "user": "", "url": "https://api.pushover.net/1/messages.json", "priority": "",
+                "retry": "", "expire": "", "sound": "", "device": ""}
+    required = ("token", "user")
+    secret = ("user",)               # the user key pairs with the token
+    text_limit = (1024, "chars")
+    title_limit = 250
+
+    def check(self, config, section, values):
+        """Priority -2 to 2; 2 (emergency) needs retry (>= 30 s) and expire (<= 10800 s)."""
+        def number(key, low, high):
+            text = str(values.get(key) or "").strip()
+            if text and not (re.match(r"^-?\d+$", text) and low <= int(text) <= high):
+                raise ConfigError("%s: [%s] %s: '%s' is not a whole number from %d to %d"
+                                  % (config.where(section, key), section, key, text, low, high))
+            return text
+        if number("priority", -2, 2) == "2":
+            for key, low, high in (("retry", 30, 10800), ("expire", 1, 10800)):
+                if not number(key, low, high):
+                    raise ConfigError("%s: [%s] priority 2 (emergency) needs %s (%d to %d seconds)"
+                                      % (config.where(section, "priority"), section, key, low, high))
+
+    def send(self, settings, report, secrets=()):
+        from urllib.parse import urlencode
+        fields = [("token", settings["token"]), ("user", settings["user"]),
+                  ("title", self.title(report)), ("message", self.text(report))]
+        keys = ("priority", "retry", "expire", "sound", "device") if str(settings.get("priority")) == "2" \
+            else ("priority", "sound", "device")
+        fields += [(key, str(settings[key]).strip()) for key in keys if settings.get(key)]
+        status, body, headers = http_request(settings["url"], urlencode(fields).encode("ascii"), settings,
+                                             secrets, {"Content-Type": FORM_TYPE})
+        if not (is_2xx(status) and field_is(body, "status", 1)):
+            raise self.refusal(status, body, headers, secrets, "status", ("errors",))
 
 
-def check_pushover(config, name, values):
-    """Pushover takes priority -2 to 2; 2 (emergency) needs retry (>= 30 s) and expire (<= 10800 s)."""
-    def number(key, low, high):
-        text = str(values.get(key) or "").strip()
-        if text and not (re.match(r"^-?\d+$", text) and low <= int(text) <= high):
-            raise ConfigError("%s: [%s] %s: '%s' is not a whole number from %d to %d"
-                              % (config.where(name, key), name, key, text, low, high))
-        return text
-    if number("priority", -2, 2) == "2":
-        for key, low, high in (("retry", 30, 10800), ("expire", 1, 10800)):
-            if not number(key, low, high):
-                raise ConfigError("%s: [%s] priority 2 (emergency) needs %s (%d to %d seconds)"
-                                  % (config.where(name, "priority"), name, key, low, high))
+class Gotify(Channel):
+    name = "gotify"
+    settings = {"url": "", "token": "", "priority": 5}
+    required = ("url", "token")
+    text_limit = (20000, "chars")    # none documented; [report] max_chars bounds it anyway
+
+    def send(self, settings, report, secrets=()):
+        payload = {"title": self.title(report), "message": self.text(report),
+                   "priority": int(settings.get("priority") or 0)}
+        status, body, headers = http_post_json(settings["url"].rstrip("/") + "/message", payload, settings,
+                                               secrets, {"X-Gotify-Key": settings["token"]})
+        if not (is_2xx(status) and has_field(body, "id")):
+            raise self.refusal(status, body, headers, secrets, "errorCode", ("errorDescription", "error"))
 
 
-def send_pushover(settings, report, secrets=()):
-    from urllib.parse import urlencode
-    fields = [("token", settings["token"]), ("user", settings["user"]),
-              ("title", short_title(report.title, "pushover")),
-              ("message", report.text(*TEXT_LIMITS["pushover"]))]
-    keys = ("priority", "retry", "expire", "sound", "device") if str(settings.get("priority")) == "2" else \
-        ("priority", "sound", "device")
-    fields += [(key, str(settings[key]).strip()) for key in keys if settings.get(key)]
-    data = urlencode(fields).encode("ascii")
-    status, body, headers = http_request(settings["url"], data, settings, secrets,
-                                         {"Content-Type": FORM_TYPE})
-    if not (is_2xx(status) and field_is(body, "status", 1)):
-        raise refusal(status, body, headers, secrets, "status", ("errors",))
+class Webhook(Channel):
+    name = "webhook"
+    settings = {"url": "", "method": "POST", "headers": "",
+                "body": '{"title": "{title}", "content": "{content}"}'}
+    required = ("url",)
+    secret = ("url", "headers")
+    text_limit = (100000, "chars")   # [report] max_chars bounds it
 
-
-def send_gotify(settings, report, secrets=()):
-    payload = {"title": short_title(report.title, "gotify"), "message": report.text(*TEXT_LIMITS["gotify"]),
-               "priority": int(settings.get("priority") or 0)}
-    status, body, headers = http_post_json(settings["url"].rstrip("/") + "/message", payload, settings,
-                                           secrets, {"X-Gotify-Key": settings["token"]})
-    if not (is_2xx(status) and has_field(body, "id")):
-        raise refusal(status, body, headers, secrets, "errorCode", ("errorDescription", "error"))
+    def send(self, settings, report, secrets=()):
+        url, data, headers = webhook_request(settings, report)
+        method = (settings.get("method") or "POST").upper()
+        status, body, answer_headers = http_request(url, data, settings, secrets, headers, method)
+        if not is_2xx(status):
+            raise self.refusal(status, body, answer_headers, secrets)
 
 
 def fill_fields(value, fields):
@@ -3651,7 +3968,7 @@ def fill_fields(value, fields):
 
 
 def webhook_fields(report):
-    content = report.text(*TEXT_LIMITS["webhook"])
+    content = report.text(*CHANNELS["webhook"].text_limit)
     fields = {"host": host_name()}
     fields.update(getattr(report, "fields", None) or {})
     fields.update(title=report.title, content=content, text=report.title + "\n" + content)
@@ -3673,14 +3990,6 @@ def webhook_request(settings, report):
         return url, None, headers
     data = json.dumps(fill_fields(template, fields), ensure_ascii=False).encode("utf-8")
     return url, data, dict({"Content-Type": JSON_TYPE}, **headers)
-
-
-def send_webhook(settings, report, secrets=()):
-    url, data, headers = webhook_request(settings, report)
-    method = (settings.get("method") or "POST").upper()
-    status, body, answer_headers = http_request(url, data, settings, secrets, headers, method)
-    if not is_2xx(status):
-        raise refusal(status, body, answer_headers, secrets)
 
 
 def smtp_security(settings):
@@ -3719,14 +4028,14 @@ def email_addresses(text):
             if address]
 
 
-def email_message(report, sender, recipients):
+def email_message(report, sender, recipients, subject):
     """The message: display names that are not ASCII are encoded per RFC 2047 around each
     address (From and every recipient of To), the Message-ID domain is the sender's."""
     from email.header import Header
     from email.mime.text import MIMEText
     from email.utils import formataddr, formatdate, make_msgid
-    message = MIMEText(report.text(*TEXT_LIMITS["email"]), "plain", "utf-8")
-    message["Subject"] = Header(short_title(report.title, "email"), "utf-8")
+    message = MIMEText(report.text(report.max_chars), "plain", "utf-8")
+    message["Subject"] = Header(subject, "utf-8")
     message["From"] = formataddr(sender, "utf-8")
     message["To"] = ", ".join(formataddr(recipient, "utf-8") for recipient in recipients)
     message["Date"] = formatdate(localtime=True)
@@ -3765,52 +4074,49 @@ def smtp_failure(error, timeout):
     return ChannelError("cannot connect: %s" % (getattr(error, "strerror", None) or error))
 
 
-def send_email(settings, report, secrets=()):
-    import smtplib
-    senders = email_addresses(settings.get("from") or settings.get("user"))
-    recipients = email_addresses(settings["to"])
-    if not senders:
-        raise ChannelError("[email] from is not set and there is no user to send as", retryable=False)
-    if not recipients:
-        raise ChannelError("[email] to: no address in '%s'" % settings["to"], retryable=False)
-    sender = senders[0]
-    deadline = settings.get("deadline")
-    try:
-        with open_smtp(settings) as smtp:
+class Email(Channel):
+    name = "email"
+    settings = {"host": "", "port": 465, "security": "auto", "user": "", "password": "", "from": "", "to": ""}
+    required = ("host", "to")
+    text_limit = (100000, "chars")   # [report] max_chars bounds it
+
+    def send(self, settings, report, secrets=()):
+        import smtplib
+        senders = email_addresses(settings.get("from") or settings.get("user"))
+        recipients = email_addresses(settings["to"])
+        if not senders:
+            raise ChannelError("[email] from is not set and there is no user to send as", retryable=False)
+        if not recipients:
+            raise ChannelError("[email] to: no address in '%s'" % settings["to"], retryable=False)
+        deadline = settings.get("deadline")
+        try:
+            with open_smtp(settings) as smtp:
+                if deadline is not None:
+                    deadline.watch(smtp.sock)
+                if settings.get("user"):
+                    smtp.login(settings["user"], settings.get("password") or "")
+                smtp.sendmail(senders[0][1], [address for _, address in recipients],
+                              email_message(report, senders[0], recipients, self.title(report)).as_string())
+        except (smtplib.SMTPException, OSError) as error:
             if deadline is not None:
-                deadline.watch(smtp.sock)
-            if settings.get("user"):
-                smtp.login(settings["user"], settings.get("password") or "")
-            smtp.sendmail(sender[1], [address for _, address in recipients],
-                          email_message(report, sender, recipients).as_string())
-    except (smtplib.SMTPException, OSError) as error:
-        if deadline is not None:
-            deadline.check()
-        failure = smtp_failure(error, float(settings.get("timeout") or 10))
-        raise ChannelError(redact(str(failure), secrets), failure.retryable)
+                deadline.check()
+            failure = smtp_failure(error, float(settings.get("timeout") or 10))
+            raise ChannelError(redact(str(failure), secrets), failure.retryable)
 
 
-SENDERS = {
-    "console": send_console,
-    "xxtui": send_xxtui,
-    "serverchan": send_serverchan,
-    "pushplus": send_pushplus,
-    "bark": send_bark,
-    "feishu": send_feishu,
-    "dingtalk": send_dingtalk,
-    "wecom": send_wecom,
-    "ntfy": send_ntfy,
-    "slack": send_slack,
-    "discord": send_discord,
-    "telegram": send_telegram,
-    "pushover": send_pushover,
-    "gotify": send_gotify,
-    "webhook": send_webhook,
-    "email": send_email,
-}
+# Every channel, in the order config.ini.example and the README list them.
+CHANNELS = collections.OrderedDict((channel.name, channel) for channel in (
+    Console(), Xxtui(), ServerChan(), PushPlus(), Bark(), Feishu(), DingTalk(), WeCom(), Ntfy(), Slack(),
+    Discord(), Telegram(), Pushover(), Gotify(), Webhook(), Email()))
 
 
-CHANNEL_CHECKS = {"ntfy": check_ntfy, "pushover": check_pushover}
+def section_defaults(section):
+    """The defaults of a config section: a general one ([notify], [wrap], ...) or a channel's
+    ([xxtui], [feishu:lab], ...); None for a section hpcrun does not know."""
+    if section in DEFAULTS:
+        return DEFAULTS[section]
+    channel = CHANNELS.get(channel_type(section))
+    return channel.defaults() if channel else None
 
 
 def ca_file_path(config):
@@ -3828,100 +4134,13 @@ def send_report(name, kind, settings, report, config, stop=None):
     with Deadline(float(settings.get("timeout") or 10), stop) as deadline:
         settings = dict(settings, ca_file=ca_file_path(config), deadline=deadline)
         try:
-            SENDERS[kind](settings, report, config.secrets)
+            CHANNELS[kind].send(settings, report, config.secrets)
         except ChannelError as error:
             raise ChannelError(redact(str(error), config.secrets), error.retryable, error.retry_after,
                                error.timed_out)
 
 
 # --- monitor: scan, decide, deliver ---
-
-def query_scheduler(job, runner=subprocess.run):
-    """The scheduler's word on a job: {"state", "reason", "exit_code"} or None when it knows nothing."""
-    if not isinstance(job, dict) or not job.get("id"):
-        return None
-    job_id = str(job["id"])
-    if not re.match(JOB_ID_RE, job_id):
-        return None  # from a record: an argument, never an option of the scheduler's command
-    scheduler = job.get("scheduler")
-    if scheduler == "slurm":
-        return parse_scontrol_job(run_quietly(["scontrol", "show", "job", job_id], runner)) or \
-            parse_sacct(run_quietly(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"], runner))
-    if scheduler == "pbs":
-        return parse_qstat_f(run_quietly(["qstat", "-x", "-f", job_id], runner) or
-                             run_quietly(["qstat", "-f", job_id], runner))
-    if scheduler == "lsf":
-        return parse_bjobs(run_quietly(["bjobs", "-l", job_id], runner))
-    if scheduler == "sge":
-        if run_quietly(["qstat", "-j", job_id], runner):
-            return {"state": "RUNNING", "reason": None, "exit_code": None}
-        return parse_qacct(run_quietly(["qacct", "-j", job_id], runner))
-    return None
-
-
-def parse_scontrol_job(text):
-    match = re.search(r"\bJobState=(\S+)", text or "")
-    if not match:
-        return None
-    reason = re.search(r"\bReason=(\S+)", text)
-    exit_code = re.search(r"\bExitCode=(\S+)", text)
-    return {"state": match.group(1), "reason": reason.group(1) if reason else None,
-            "exit_code": exit_code.group(1) if exit_code else None}
-
-
-def parse_sacct(text):
-    lines = [line for line in (text or "").splitlines() if line.strip()]
-    if not lines:
-        return None
-    fields = lines[0].split("|")
-    return {"state": fields[0].split()[0], "reason": None,
-            "exit_code": fields[1] if len(fields) > 1 else None}
-
-
-def parse_qstat_f(text):
-    state = re.search(r"job_state = (\S+)", text or "")
-    if not state:
-        return None
-    exit_status = re.search(r"Exit_status = (-?\d+)", text)
-    code = exit_status.group(1) if exit_status else None
-    name = {"R": "RUNNING", "Q": "PENDING", "H": "PENDING", "S": "SUSPENDED", "E": "RUNNING"}.get(
-        state.group(1), "FINISHED")
-    if code == "-29":
-        name = "TIMEOUT"
-    return {"state": name, "reason": None, "exit_code": code}
-
-
-def parse_bjobs(text):
-    status = re.search(r"Status <(\w+)>", text or "")
-    if not status:
-        return None
-    term = re.search(r"\b(TERM_\w+)", text)
-    state = term.group(1) if term else {"RUN": "RUNNING", "PEND": "PENDING"}.get(status.group(1), status.group(1))
-    return {"state": state, "reason": None, "exit_code": None}
-
-
-def parse_qacct(text):
-    if not text:
-        return None
-    failed = re.search(r"^failed\s+(.+)$", text, re.M)
-    exit_status = re.search(r"^exit_status\s+(\d+)", text, re.M)
-    reason = failed.group(1).strip() if failed else None
-    state = "FAILED" if reason and not reason.startswith("0") else "COMPLETED"
-    if exit_status and exit_status.group(1) == "137":
-        state = "CANCELLED"
-    return {"state": state, "reason": reason, "exit_code": exit_status.group(1) if exit_status else None}
-
-
-def describe_verdict(verdict):
-    if not verdict:
-        return None
-    parts = [verdict["state"]]
-    if verdict.get("reason") and verdict["reason"] not in ("None", "(null)"):
-        parts.append("reason %s" % verdict["reason"])
-    if verdict.get("exit_code"):
-        parts.append("exit %s" % verdict["exit_code"])
-    return ", ".join(parts)
-
 
 def event_record(running, run_id, status, author_uid, **details):
     """A report-only record about a run that has not ended (lost, recovered, stalled, resumed).
@@ -4266,8 +4485,7 @@ class Monitor(object):
         if record.get("status") in STATUSES and self.wrote_the_run(state, run_id, record):
             for name in state.names("running"):
                 suffix = name[len(run_id):] if name.startswith(run_id + ".") else ""
-                if suffix in (".json", ".lost", ".recovered", ".stalled", ".start") or \
-                        suffix.startswith(".time_limit_warning"):  # "-END" per end time; bare from older monitors
+                if suffix == ".json" or any(suffix.startswith(end) for end in MARKER_OF_STATUS.values()):
                     state.remove("running", name)
             self.schedule_reminder(state, run_id, record)
         if sent:
@@ -4293,7 +4511,7 @@ class Monitor(object):
             return False
         if status not in STATUSES:
             return True
-        if status == "success" and self.config.get("notify", "only_failures"):
+        if status not in FAILURE_STATUSES and self.config.get("notify", "only_failures"):
             return False
         short = 0 <= (record.get("duration") or 0) < self.config.get("notify", "min_duration")
         return not short or (status != "success" and not self.config.get("notify", "skip_short_failures"))
@@ -4303,7 +4521,8 @@ class Monitor(object):
     def watch_dir(self, state):
         """Read each running record once and turn silence into lost/stalled reports."""
         entries = state.names("running")
-        lost = set(name[:-5] for name in entries if name.endswith(".lost"))
+        lost = set(name[:-len(MARKER_OF_STATUS["lost"])] for name in entries
+                   if name.endswith(MARKER_OF_STATUS["lost"]))
         names = [name for name in entries if name.endswith(".json") and name[0] != "."]
         watches = self.load_watches(state) if self.once else self.watches
         live = set()
@@ -4368,11 +4587,11 @@ class Monitor(object):
 
     def announce(self, state, run_id, running, author):
         """The start and time-limit-warning events, each once per run."""
-        if "start" in self.events and not state.exists("running", run_id + ".start"):
+        if "start" in self.events and not state.exists("running", marker(run_id, "start")):
             if self.ended(state, run_id):
-                state.create_marker("running", run_id + ".start", {})
+                state.create_marker("running", marker(run_id, "start"), {})
             else:
-                self.emit_once(state, "running", run_id + ".start", {},
+                self.emit_once(state, "running", marker(run_id, "start"), {},
                                event_record(running, run_id, "start", author),
                                "started: %s" % describe_run(running))
         job = running.get("job") or {}
@@ -4381,12 +4600,12 @@ class Monitor(object):
             return
         remaining = end_time - self.now()
         # once per end time: a job whose limit was raised after a warning is warned again
-        marker = "%s.time_limit_warning-%d" % (run_id, end_time)
+        warned = "%s-%d" % (marker(run_id, "time_limit_warning"), end_time)
         if warning_due(remaining, self.config.get("notify", "time_limit_margin"), job.get("time_limit"),
                        self.now() - (running.get("start_time") or self.now())):
             record = event_record(running, run_id, "time_limit_warning", author, remaining=remaining)
             record["run_id"] += "-%d" % end_time
-            self.emit_once(state, "running", marker, {"end_time": end_time}, record,
+            self.emit_once(state, "running", warned, {"end_time": end_time}, record,
                            "time limit near: %s: %s left" % (describe_run(running), format_duration(remaining)))
 
     def ended(self, state, run_id):
@@ -4396,41 +4615,40 @@ class Monitor(object):
 
     def declare_lost(self, state, run_id, running, author, silence):
         """Report a run whose heartbeat stopped, once; False when the scheduler says it still runs."""
-        if state.exists("running", run_id + ".lost") or self.ended(state, run_id):
+        if state.exists("running", marker(run_id, "lost")) or self.ended(state, run_id):
             return True
         verdict = self.scheduler(running.get("job"))
-        if verdict and verdict["state"] in ALIVE_JOB_STATES:
+        if verdict and verdict.running:
             self.log("heartbeat of %s silent for %s, but the scheduler says %s"
-                     % (describe_run(running), format_duration(silence), verdict["state"]))
+                     % (describe_run(running), format_duration(silence), verdict.state))
             return False
-        cause = SCHEDULER_CAUSES.get(verdict["state"], "unknown") if verdict else "unknown"
-        record = event_record(running, run_id, "lost", author, cause=cause, silence=silence,
-                              scheduler_state=describe_verdict(verdict))
-        self.emit_once(state, "running", run_id + ".lost", {"seq": running.get("seq")}, record,
+        record = event_record(running, run_id, "lost", author, cause=(verdict and verdict.cause) or "unknown",
+                              silence=silence, scheduler_state=verdict.describe() if verdict else None)
+        self.emit_once(state, "running", marker(run_id, "lost"), {"seq": running.get("seq")}, record,
                        "lost: %s: no heartbeat for %s%s" % (
                            describe_run(running), format_duration(silence),
-                           ", scheduler: " + describe_verdict(verdict) if verdict else ""))
+                           ", scheduler: " + verdict.describe() if verdict else ""))
         return True
 
     def heartbeat_back(self, state, run_id, running, author):
         """One recovered report when a run reported lost beats again (a newer seq than at the loss)."""
         try:
-            lost = check_fields(state.read_json("running", run_id + ".lost")[0], {"seq": "int"}, run_id)
+            lost = check_fields(state.read_json("running", marker(run_id, "lost"))[0], {"seq": "int"}, run_id)
         except HpcrunError:
             return  # never reported lost (the usual case)
         if (running.get("seq") or 0) > (lost.get("seq") or 0):
-            self.emit_once(state, "running", run_id + ".recovered", {},
+            self.emit_once(state, "running", marker(run_id, "recovered"), {},
                            event_record(running, run_id, "recovered", author),
                            "recovered: %s: heartbeat back" % describe_run(running))
 
     def declare_stalled(self, state, run_id, running, author, silence):
         record = event_record(running, run_id, "stalled", author, silence=silence)
         record["run_id"] += "-%d" % (running.get("seq") or 0)
-        self.emit_once(state, "running", run_id + ".stalled", {"log_size": running.get("log_size")}, record,
+        self.emit_once(state, "running", marker(run_id, "stalled"), {"log_size": running.get("log_size")}, record,
                        "stalled: %s: no output for %s" % (describe_run(running), format_duration(silence)))
 
     def output_back(self, state, run_id, running, author):
-        if not state.exists("running", run_id + ".stalled"):
+        if not state.exists("running", marker(run_id, "stalled")):
             return  # not stalled (the usual case)
         record = event_record(running, run_id, "resumed", author)
         record["run_id"] += "-%d" % (running.get("seq") or 0)
@@ -4438,7 +4656,7 @@ class Monitor(object):
             self.log("resumed: %s: log output again" % describe_run(running))
             if self.wanted(record):
                 state.write_json("done", record["run_id"] + ".json", record)
-        state.remove("running", run_id + ".stalled")
+        state.remove("running", marker(run_id, "stalled"))
 
     def watch_name(self):
         return "watch.%s.json" % self.host
@@ -4471,7 +4689,7 @@ class Monitor(object):
         """After a run of a scheduler job ends, watch whether its job (and the bill) goes on."""
         job = record.get("job")
         if not job or "release_reminder" not in self.events or not job.get("release") or \
-                not find_program(SCHEDULER_CLIENTS.get(job.get("scheduler"), "")):
+                not find_program(scheduler_of(job).client or ""):
             return
         first = min(60.0, self.config.get("monitor", "reminder_interval"))
         reminder = {"run_id": run_id, "name": record.get("name"), "job": job, "work_dir": state.work_dir,
@@ -4502,7 +4720,7 @@ class Monitor(object):
                 reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
                 state.write_json("reminders", filename, reminder)
                 continue
-            if not verdict or verdict["state"] not in ALIVE_JOB_STATES:
+            if not verdict or not verdict.running:
                 self.forget_reminder(state, filename)
                 if reminder.get("sent"):
                     self.log("job %s of %s is gone" % (reminder["job"].get("id"), printable(reminder.get("name"))))
@@ -4670,9 +4888,8 @@ def status_entry(state, sub, label, run_id, record, delivery, roots, now):
     start = record.get("start_time")
     end = record.get("end_time") if sub != "running" else None
     if sub == "running":
-        for marker, meaning in ((".recovered", "running (heartbeat back after lost)"),
-                                (".lost", "lost (no heartbeat)"), (".stalled", "running, stalled (no output)")):
-            if state.exists("running", run_id + marker):
+        for status, meaning in SHOWN_BY_MARKER:
+            if state.exists("running", marker(run_id, status)):
                 label = meaning
                 break
     if delivery.get("failures"):
@@ -4791,8 +5008,8 @@ def print_selftest_checks(wrapper, record):
               ("log", "%s (%d bytes)" % (wrapper.log_path, record.get("log_size") or 0)),
               ("python", "%s %s" % (sys.executable, sys.version.split()[0])),
               ("job", job_label(wrapper.job) or "no scheduler job found in the environment")]
-    if wrapper.job and wrapper.job["scheduler"] == "slurm":
-        warning = slurm_launch_warning(wrapper.job, read_parent_comm())
+    if wrapper.job and wrapper.scheduler.launch_check:
+        warning = wrapper.scheduler.launch_warning(wrapper.env, read_parent_comm())
         checks.append(("launch", warning or "exec'd as the job step's top process: signals reach hpcrun"))
     for name, text in checks:
         emit("hpcrun selftest: %s: %s" % (name, text))

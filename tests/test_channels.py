@@ -9,6 +9,7 @@ import email.utils
 import importlib.util
 import json
 import os
+import re
 import sys
 import unittest
 
@@ -1063,15 +1064,18 @@ class ChannelHelpersTest(unittest.TestCase):
                          "HTTP 403, non-JSON answer: invalid_token")
 
     def test_every_channel_type_has_defaults_a_sender_and_a_text_limit(self):
-        for kind in self.hpcrun.CHANNEL_TYPES:
+        for kind, channel in self.hpcrun.CHANNELS.items():
             with self.subTest(kind=kind):
-                self.assertIn(kind, self.hpcrun.DEFAULTS)
-                self.assertIn(kind, self.hpcrun.SENDERS)
+                self.assertEqual(channel.name, kind)
+                self.assertIsNotNone(channel.defaults())
+                self.assertIsNot(type(channel).send, self.hpcrun.Channel.send, "no sender")
                 if kind != "console":
-                    self.assertIn(kind, self.hpcrun.TEXT_LIMITS)
-                    self.assertIn("timeout", self.hpcrun.DEFAULTS[kind])
-                for key in self.hpcrun.REQUIRED_KEYS.get(kind, ()):
-                    self.assertIn(key, self.hpcrun.DEFAULTS[kind])
+                    limit, unit = channel.text_limit
+                    self.assertIn(unit, ("chars", "bytes"))
+                    self.assertGreater(limit, 0)
+                    self.assertIn("timeout", channel.defaults())
+                for key in channel.required:
+                    self.assertIn(key, channel.defaults())
 
     def test_config_example_shows_every_channel_key_with_its_default(self):
         from support import REPO
@@ -1082,19 +1086,28 @@ class ChannelHelpersTest(unittest.TestCase):
             keys = configparser.ConfigParser(interpolation=None)
             keys.read_file(stream)
         self.assertIn("ca_file", parser["notify"])
-        for kind in self.hpcrun.CHANNEL_TYPES:
+        for kind, channel in self.hpcrun.CHANNELS.items():
             if kind == "console":
                 continue
             with self.subTest(kind=kind):
-                defaults = self.hpcrun.DEFAULTS[kind]
+                defaults = channel.defaults()
                 self.assertEqual(set(parser[kind]), set(defaults))
                 for key, value in defaults.items():
                     self.assertEqual(parser[kind][key], "%g" % value if isinstance(value, float)
                                      else str(value), "[%s] %s" % (kind, key))
                 secret = [key for key in defaults if self.hpcrun.is_secret_setting(kind, key)
-                          and key != "url" or key in self.hpcrun.REQUIRED_KEYS.get(kind, ())
+                          and key != "url" or key in channel.required
                           and self.hpcrun.is_secret_setting(kind, key)]
                 self.assertTrue(set(secret) <= set(keys[kind]), "%s: %s" % (kind, secret))
+
+    def test_both_readmes_list_every_channel_in_their_channel_table(self):
+        from support import REPO
+        for readme in ("README.md", "README.zh-CN.md"):
+            with open(os.path.join(REPO, readme), encoding="utf-8") as stream:
+                rows = re.findall(r"(?m)^\| `(\w+)` \|", stream.read())
+            for kind in self.hpcrun.CHANNELS:
+                with self.subTest(readme=readme, kind=kind):
+                    self.assertIn(kind, rows)
 
     def test_titled_text_keeps_title_and_body_within_one_limit(self):
         report = self.hpcrun.Report("标题", ["头部"], ["行%d" % i + "字" * 50 for i in range(100)],

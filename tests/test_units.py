@@ -170,7 +170,7 @@ class SendXxtuiTest(unittest.TestCase):
     def send(self, reply=None):
         if reply is not None:
             self.server.queue(reply)
-        return hpcrun.send_xxtui(self.settings, self.report, hpcrun.secret_forms(KEY))
+        return hpcrun.CHANNELS["xxtui"].send(self.settings, self.report, hpcrun.secret_forms(KEY))
 
     def test_send_xxtui_success_is_code_0_as_number_or_string(self):
         for reply in (Reply.ok(), Reply.json({"code": "0"}), Reply.json({"code": 0}, 201)):
