@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
 """hpcrun: never miss the end of a training on an HPC cluster.
 
-wrap runs the training on the compute node and leaves a completion record in the
-work directory however the run ends; monitor runs on the login node, turns each
-record into a short report and pushes it to the phone (xxtui, console).
+wrap runs the training on the compute node, tees its output into DIR/logs/ and leaves a
+completion record in DIR/.hpcrun/ however the run ends; monitor runs on the login node, turns
+each record into a short report and pushes it to the phone (xxtui and 15 other channels). The
+two halves talk only through the shared file system. A record's life, under DIR/.hpcrun/:
 
-    python3 hpcrun.py wrap    --work-dir DIR --command "python train.py"
-    python3 hpcrun.py monitor --work-dir DIR [--interval 60] [--once]
-    python3 hpcrun.py run     --work-dir DIR -- python train.py
-    python3 hpcrun.py status  --work-dir DIR [--json]
-    python3 hpcrun.py notify  --test
+    running/<run>.json   wrap's heartbeat, rewritten every minute (markers <run>.lost, .stalled, ...)
+    done/<run>.json      wrap's completion record, or a monitor's event report (<run>~lost.json)
+    claimed/<run>.json.<host>.<pid>   one monitor took it (rename) and pushes it
+    sent/<run>.json      every channel accepted it (delivery/<run>.json until then)
+
+    python3 hpcrun.py wrap     --work-dir DIR --command "python train.py"
+    python3 hpcrun.py monitor  [--work-dir DIR] [--interval 60] [--once]
+    python3 hpcrun.py run      --work-dir DIR -- python train.py
+    python3 hpcrun.py status   [--work-dir DIR] [--json] [--monitors]
+    python3 hpcrun.py selftest [--work-dir DIR]
+    python3 hpcrun.py notify   --test
 
 Python 3.6+, standard library only.
 """
@@ -27,6 +34,8 @@ import subprocess
 import sys
 import threading
 import time
+# Heavier modules (ssl, urllib, email, configparser, socket, hashlib) are imported inside the
+# functions that need them: wrap starts in a few milliseconds and stays small on the node.
 
 __version__ = "0.1.0"
 
@@ -951,15 +960,17 @@ def cut_to_size(text, limit, unit):
 # --- config: load, merge (flag > HPCRUN_* env > keys file > config file > default), validate ---
 
 class Config(object):
-    """Merged settings, where they came from, and every secret value to keep out of output."""
+    """Merged settings, checked, where they came from, and every secret value to keep out of
+    output. ConfigError when a setting is wrong."""
 
     def __init__(self, path, keys_path, sections, origins, warnings):
         self.path = path
         self.keys_path = keys_path
         self.sections = sections
         self.origins = origins      # (section, key) -> where its value came from
-        self.secrets = set()
         self.warnings = warnings
+        check_config(self)
+        self.secrets = collect_secrets(self)
 
     def get(self, section, key):
         return self.sections.get(section, {}).get(key, (section_defaults(section) or {}).get(key))
@@ -1027,10 +1038,7 @@ def load_config(flag_path=None, overrides=None, env=None, script_dir=None):
             merged.update(values)
             origins.update(((name, key), origin(key)) for key in values)
         sections[name] = merged
-    config = Config(path, keys_path, sections, origins, warnings)
-    check_config(config)
-    config.secrets = collect_secrets(config)
-    return config
+    return Config(path, keys_path, sections, origins, warnings)
 
 
 def env_layer(env, section):
@@ -1092,6 +1100,10 @@ def check_config(config):
             CHANNELS[channel_type(name)].check(config, name, values)
     parse_events(config)
     check_templates(config)
+    if config.get("report", "include_last_n_lines") > CLASSIFY_LINES:
+        raise ConfigError("%s: [report] include_last_n_lines: %d is more than the %d log lines a "
+                          "report reads" % (config.where("report", "include_last_n_lines"),
+                                            config.get("report", "include_last_n_lines"), CLASSIFY_LINES))
     if not re.match(r"^[A-Za-z_][\w./-]*$", str(config.get("report", "metric"))):
         raise ConfigError("%s: [report] metric: '%s' is not a metric name"
                           % (config.where("report", "metric"), config.get("report", "metric")))
@@ -3206,11 +3218,13 @@ def build_report(record, config, work_dir, uid=None):
     roots = named_file_roots(config, work_dir)
     lines, log_note = read_log_lines(record, work_dir, messages, roots, uid)
     fields = report_fields(record, lines, messages, scheduler_output_lines(record, work_dir, roots, uid))
-    title = fill_report_template(config, "title_template", fields) or report_title(status, fields, messages)
+    title, title_note = fill_report_template(config, "title_template", fields)
+    title = title or report_title(status, fields, messages)
     if record.get("test"):
         title = messages["test_prefix"] + title
-    header = fill_report_template(config, "header_template", fields)
-    header = header.splitlines() if header else report_header(record, messages, status, fields)
+    header, header_note = fill_report_template(config, "header_template", fields)
+    header = header.splitlines() if header else \
+        report_header(record, messages, status, fields, [note for note in (title_note, header_note) if note])
     author = record.get("author_uid")
     if author is not None and author != (os.geteuid() if uid is None else uid):
         header.append(messages["foreign_author"].format(user=user_label(author)))
@@ -3225,16 +3239,16 @@ def build_report(record, config, work_dir, uid=None):
 
 
 def fill_report_template(config, key, fields):
-    """A [report] template filled with the report's fields; None when unset or when a field's
-    format does not fit its value (the built-in layout is used then, and says why)."""
+    """(text, note): a [report] template filled with the report's fields; text None when unset
+    or when a field's format does not fit its value (the built-in layout is used then, and the
+    note says why)."""
     template = config.get("report", key)
     if not template:
-        return None
+        return None, None
     try:
-        return template.replace("\\n", "\n").format(**fields)
+        return template.replace("\\n", "\n").format(**fields), None
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
-        fields["note"] = "[report] %s: %s" % (key, error)
-        return None
+        return None, "[report] %s: %s" % (key, error)
 
 
 def report_title(status, fields, messages):
@@ -3249,9 +3263,28 @@ def report_title(status, fields, messages):
     return " · ".join([title] + [extra for extra in extras if extra])
 
 
-def report_header(record, messages, status, fields):
-    """The lines that always survive: the cause first, then what happened, to what, where."""
-    job = record.get("job") if isinstance(record.get("job"), dict) else None
+def report_header(record, messages, status, fields, notes=()):
+    """The lines that always survive: the cause first, then what happened, to what, where,
+    then the notes (a [report] template that did not fit among them)."""
+    header = ["%s: %s" % (messages[key], value) for key, value in header_rows(record, messages, status, fields)
+              if value not in (None, "")]
+    job = record.get("job") or None
+    if record.get("final") is False:
+        header.append(messages["provisional"])
+    if status in STATUSES and job and job.get("outlives") and job.get("release"):
+        header.append(messages["outlives"].format(release=job["release"]))
+    log_error = record.get("log_error")
+    if fields["cause"] == "start_failed" and record.get("start_error") is not None:
+        code = record["start_error"]
+        log_error = messages["start_error"].format(command=fields["command"],
+                                                   reason=messages.get("errno_" + code, code))
+    notes = [log_error, record.get("note")] + list(notes) + list(record.get("warnings") or [])
+    return header + [str(note) for note in notes if note]
+
+
+def header_rows(record, messages, status, fields):
+    """(message key, value) of each header line, in the order a reader wants them."""
+    job = record.get("job") or None
     cause = fields["cause"]
     cause_text = messages.get("cause_" + cause, cause) if cause else None
     if cause_text and fields["cause_line"]:
@@ -3281,21 +3314,7 @@ def report_header(record, messages, status, fields):
         ("field_duration", fields["duration"] if fields["duration"] != "?" else None),
         ("field_log", record.get("log_file")),
     ]
-    header = ["%s: %s" % (messages[key], value) for key, value in rows if value not in (None, "")]
-    if record.get("final") is False:
-        header.append(messages["provisional"])
-    if status in STATUSES and job and job.get("outlives") and job.get("release"):
-        header.append(messages["outlives"].format(release=job["release"]))
-    warnings = record.get("warnings") if isinstance(record.get("warnings"), list) else []
-    log_error = record.get("log_error")
-    if fields["cause"] == "start_failed" and record.get("start_error") is not None:
-        code = record["start_error"]
-        log_error = messages["start_error"].format(command=fields["command"],
-                                                   reason=messages.get("errno_" + code, code))
-    for note in [log_error, record.get("note"), fields.get("note")] + warnings:
-        if note:
-            header.append(str(note))
-    return header
+    return rows
 
 
 def test_report(config, channel):
@@ -4183,83 +4202,10 @@ def nobody_uids():
     return uids
 
 
-class Monitor(object):
-    """Finds completion records in the work dirs and delivers each to every channel once.
-
-    Anything under a work dir's .hpcrun/ may have been written by someone else in the group:
-    file names come from listings and are checked (valid_run_id), contents field by field
-    (check_record), directories are held open (StateDir), and the files a record names are read
-    only as open_named_file allows."""
-
-    def __init__(self, config, channels, log, now=time.time, clock=time.monotonic,
-                 scheduler=query_scheduler, stop=None, once=False):
-        self.config = config
-        self.channels = channels
-        self.log = log
-        self.now = now
-        self.clock = clock
-        self.scheduler = scheduler
-        self.stop = stop              # set by SIGTERM or SIGINT: a push under way is cut at once
-        self.once = once  # cron --once: what was seen is kept on disk between runs, waiting reports listed
-        self.host = host_name()
-        self.pid = os.getpid()
-        self.uid = os.geteuid()
-        self.watches = {}            # run_id -> what this monitor saw of its heartbeat, when
-        self.dir_errors = {}         # work dir -> its last error, logged once until it changes
-        self.noted = set()           # problems of running records, logged once per monitor
-        self.timed_out = set()       # channels that timed out in this pass: not tried again in it
-        self.bad_names = {}          # stand-in run id -> the record's file name
-        self.events = parse_events(config)
-
-    def poll(self, work_dirs):
-        """One pass over every work dir: (delivered, failed, pending) counts."""
-        totals = [0, 0, 0]
-        self.timed_out = set()
-        for work_dir in work_dirs:
-            try:
-                counts = self.poll_dir(work_dir)
-            except (HpcrunError, OSError) as error:
-                message = redact(error if isinstance(error, HpcrunError) else "cannot read work dir '%s': %s"
-                                 % (work_dir, error.strerror or error), self.config.secrets)
-                if self.dir_errors.get(work_dir) != message:
-                    self.log("error: %s" % message)
-                self.dir_errors[work_dir] = message
-                totals[1] += 1
-                continue
-            if self.dir_errors.pop(work_dir, None):
-                self.log("%s: readable again" % work_dir)
-            totals = [a + b for a, b in zip(totals, counts)]
-        return tuple(totals)
-
-    def poll_dir(self, work_dir):
-        """(delivered, failed, pending) for one work dir; one bad record never stops the others."""
-        if not os.path.isdir(work_dir):
-            raise HpcrunError("work dir '%s' is not a directory" % work_dir)
-        with StateDir(work_dir) as state:
-            for sub in ALL_STATE_SUBDIRS:
-                state.fd(sub)          # a subdirectory that is a symlink refuses the whole dir
-            counts = {"delivered": 0, "failed": 0, "pending": 0}
-            self.watch_dir(state)
-            self.check_reminders(state)
-            items, counts["pending"] = self.claim_all(state)
-            return self.deliver_all(state, items, counts)
-
-    def note_once(self, message):
-        if message not in self.noted:
-            self.noted.add(message)
-            self.log(message)
-
-    def log_exception(self, what):
-        """A failure no check foresaw (a bug): its traceback, secrets masked, so that it can be
-        found; the monitor goes on with the other runs."""
-        import traceback
-        secrets = self.config.secrets
-        self.log("error: %s: %s" % (what, redact(one_line(traceback.format_exc().splitlines()[-1], 300),
-                                                 secrets)))
-        for line in traceback.format_exc().rstrip().splitlines():
-            self.log("  " + redact(line, secrets))
-
-    # --- delivery: claim, load, push, retry, archive ---
+class Delivery(object):
+    """The monitor's delivery: claim each record due, build its report, push it to every channel
+    that has not accepted it, retry with backoff, archive it once all have. A part of Monitor,
+    which holds the state it uses (config, channels, clocks, log)."""
 
     def deliver_all(self, state, items, counts):
         for run_id, claimed in items:
@@ -4442,18 +4388,6 @@ class Monitor(object):
             self.log("warning: %s: %s" % (run_id, record["note"]))
         return record
 
-    def author_of(self, record, owner, shown):
-        """Who wrote a record: its file's owner, or, for the monitor's own files (event reports,
-        reminders), the author of the record they came from."""
-        if owner == self.uid and record.get("author_uid") is not None:
-            return record["author_uid"]
-        if owner != self.uid and owner in nobody_uids():
-            self.note_once("warning: '%s' is owned by nobody (uid %d): NFSv4 id mapping fails between "
-                           "this host and the file server (their NFSv4 domains differ, see Domain in "
-                           "/etc/idmapd.conf, or nfsidmap is not running); the files the record names "
-                           "are not read" % (shown, owner))
-        return owner
-
     def retry_later(self, state, run_id, claimed, record, delivery, errors):
         failures = (delivery.get("failures") or 0) + 1
         retry_max = self.config.get("monitor", "retry_max")
@@ -4502,21 +4436,12 @@ class Monitor(object):
             return True  # no heartbeat left to protect
         return record.get("author_uid") in (None, owner)
 
-    def wanted(self, record):
-        """Whether [notify] events, only_failures and min_duration let this report out."""
-        status = record.get("status")
-        if record.get("test"):
-            return True  # a selftest asked for this push
-        if EVENT_OF_STATUS.get(status, "end") not in self.events:
-            return False
-        if status not in STATUSES:
-            return True
-        if status not in FAILURE_STATUSES and self.config.get("notify", "only_failures"):
-            return False
-        short = 0 <= (record.get("duration") or 0) < self.config.get("notify", "min_duration")
-        return not short or (status != "success" and not self.config.get("notify", "skip_short_failures"))
 
-    # --- watching: heartbeats, lost, stalled, start and time-limit events, reminders ---
+class Watcher(object):
+    """The monitor's watch of running trainings: heartbeats that stop (lost), logs that stop
+    growing (stalled), the start and time-limit events, and release reminders once a run has
+    ended while its job goes on. Each event is written to done/ as a record of its own and
+    delivered like any. A part of Monitor."""
 
     def watch_dir(self, state):
         """Read each running record once and turn silence into lost/stalled reports."""
@@ -4607,11 +4532,6 @@ class Monitor(object):
             record["run_id"] += "-%d" % end_time
             self.emit_once(state, "running", warned, {"end_time": end_time}, record,
                            "time limit near: %s: %s left" % (describe_run(running), format_duration(remaining)))
-
-    def ended(self, state, run_id):
-        if state.exists("done", run_id + ".json") or state.exists("sent", run_id + ".json"):
-            return True
-        return any(name.startswith(run_id + ".json.") for name in state.names("claimed"))
 
     def declare_lost(self, state, run_id, running, author, silence):
         """Report a run whose heartbeat stopped, once; False when the scheduler says it still runs."""
@@ -4748,6 +4668,114 @@ class Monitor(object):
             return
         reminder["next_check"] = self.now() + self.config.get("monitor", "reminder_interval")
         state.write_json("reminders", filename, reminder)
+
+
+class Monitor(Delivery, Watcher):
+    """Finds completion records in the work dirs and delivers each to every channel once.
+
+    Anything under a work dir's .hpcrun/ may have been written by someone else in the group:
+    file names come from listings and are checked (valid_run_id), contents field by field
+    (check_record), directories are held open (StateDir), and the files a record names are read
+    only as open_named_file allows."""
+
+    def __init__(self, config, channels, log, now=time.time, clock=time.monotonic,
+                 scheduler=query_scheduler, stop=None, once=False):
+        self.config = config
+        self.channels = channels
+        self.log = log
+        self.now = now
+        self.clock = clock
+        self.scheduler = scheduler
+        self.stop = stop              # set by SIGTERM or SIGINT: a push under way is cut at once
+        self.once = once  # cron --once: what was seen is kept on disk between runs, waiting reports listed
+        self.host = host_name()
+        self.pid = os.getpid()
+        self.uid = os.geteuid()
+        self.watches = {}            # run_id -> what this monitor saw of its heartbeat, when
+        self.dir_errors = {}         # work dir -> its last error, logged once until it changes
+        self.noted = set()           # problems of running records, logged once per monitor
+        self.timed_out = set()       # channels that timed out in this pass: not tried again in it
+        self.bad_names = {}          # stand-in run id -> the record's file name
+        self.events = parse_events(config)
+
+    def poll(self, work_dirs):
+        """One pass over every work dir: (delivered, failed, pending) counts."""
+        totals = [0, 0, 0]
+        self.timed_out = set()
+        for work_dir in work_dirs:
+            try:
+                counts = self.poll_dir(work_dir)
+            except (HpcrunError, OSError) as error:
+                message = redact(error if isinstance(error, HpcrunError) else "cannot read work dir '%s': %s"
+                                 % (work_dir, error.strerror or error), self.config.secrets)
+                if self.dir_errors.get(work_dir) != message:
+                    self.log("error: %s" % message)
+                self.dir_errors[work_dir] = message
+                totals[1] += 1
+                continue
+            if self.dir_errors.pop(work_dir, None):
+                self.log("%s: readable again" % work_dir)
+            totals = [a + b for a, b in zip(totals, counts)]
+        return tuple(totals)
+
+    def poll_dir(self, work_dir):
+        """(delivered, failed, pending) for one work dir; one bad record never stops the others."""
+        if not os.path.isdir(work_dir):
+            raise HpcrunError("work dir '%s' is not a directory" % work_dir)
+        with StateDir(work_dir) as state:
+            for sub in ALL_STATE_SUBDIRS:
+                state.fd(sub)          # a subdirectory that is a symlink refuses the whole dir
+            counts = {"delivered": 0, "failed": 0, "pending": 0}
+            self.watch_dir(state)
+            self.check_reminders(state)
+            items, counts["pending"] = self.claim_all(state)
+            return self.deliver_all(state, items, counts)
+
+    def note_once(self, message):
+        if message not in self.noted:
+            self.noted.add(message)
+            self.log(message)
+
+    def log_exception(self, what):
+        """A failure no check foresaw (a bug): its traceback, secrets masked, so that it can be
+        found; the monitor goes on with the other runs."""
+        import traceback
+        secrets = self.config.secrets
+        self.log("error: %s: %s" % (what, redact(one_line(traceback.format_exc().splitlines()[-1], 300),
+                                                 secrets)))
+        for line in traceback.format_exc().rstrip().splitlines():
+            self.log("  " + redact(line, secrets))
+
+    def author_of(self, record, owner, shown):
+        """Who wrote a record: its file's owner, or, for the monitor's own files (event reports,
+        reminders), the author of the record they came from."""
+        if owner == self.uid and record.get("author_uid") is not None:
+            return record["author_uid"]
+        if owner != self.uid and owner in nobody_uids():
+            self.note_once("warning: '%s' is owned by nobody (uid %d): NFSv4 id mapping fails between "
+                           "this host and the file server (their NFSv4 domains differ, see Domain in "
+                           "/etc/idmapd.conf, or nfsidmap is not running); the files the record names "
+                           "are not read" % (shown, owner))
+        return owner
+
+    def wanted(self, record):
+        """Whether [notify] events, only_failures and min_duration let this report out."""
+        status = record.get("status")
+        if record.get("test"):
+            return True  # a selftest asked for this push
+        if EVENT_OF_STATUS.get(status, "end") not in self.events:
+            return False
+        if status not in STATUSES:
+            return True
+        if status not in FAILURE_STATUSES and self.config.get("notify", "only_failures"):
+            return False
+        short = 0 <= (record.get("duration") or 0) < self.config.get("notify", "min_duration")
+        return not short or (status != "success" and not self.config.get("notify", "skip_short_failures"))
+
+    def ended(self, state, run_id):
+        if state.exists("done", run_id + ".json") or state.exists("sent", run_id + ".json"):
+            return True
+        return any(name.startswith(run_id + ".json.") for name in state.names("claimed"))
 
 
 def warning_due(remaining, margin, time_limit, run_elapsed):
