@@ -5154,21 +5154,22 @@ def cmd_notify(args):
 
 
 def cmd_selftest(args):
-    """The whole path on this machine: config, work dir, wrap, monitor, push, archive."""
-    state = {}
+    """The whole path on this machine: config, work dir, wrap, monitor, push, archive. Each
+    step adds what it found (the config, the work dir, the records) for the next ones."""
+    found = {}
     steps = [("config", selftest_config), ("work dir", selftest_work_dir), ("wrap", selftest_wrap),
              ("monitor", selftest_monitor), ("push", selftest_push), ("archive", selftest_archive)]
     try:
         for number, (name, step) in enumerate(steps, 1):
             try:
-                detail = step(args, state)
+                detail = step(args, found)
             except HpcrunError as error:
                 emit("[%d/%d] %s: FAILED: %s" % (number, len(steps), name, error))
                 emit("      fix: %s" % getattr(error, "fix", "see the message above"))
                 return 1
             emit("[%d/%d] %s: ok (%s)" % (number, len(steps), name, detail))
     finally:
-        selftest_cleanup(state)
+        selftest_cleanup(found)
     emit("selftest passed: a real run will be reported the same way")
     return 0
 
@@ -5179,43 +5180,43 @@ def failure_with_fix(message, fix):
     return error
 
 
-def selftest_config(args, state):
+def selftest_config(args, found):
     try:
-        state["config"] = config_for(args)
-        state["channels"] = resolve_channels(state["config"])
+        found["config"] = config_for(args)
+        found["channels"] = resolve_channels(found["config"])
     except HpcrunError as error:
         raise failure_with_fix(str(error), "edit the file or variable named above (see config.ini.example)")
-    if not pushes_to_phone(state["config"], state["channels"]):
+    if not pushes_to_phone(found["config"], found["channels"]):
         raise failure_with_fix("nothing will be pushed: set [notify] channels and a key (only the "
                                "console would get the reports)",
                                "put e.g. 'channels = xxtui' under [notify] in %s and the key in the "
-                               "keys file (see config.ini.example)" % (state["config"].path or
+                               "keys file (see config.ini.example)" % (found["config"].path or
                                                                         "~/.config/hpcrun/config.ini"))
-    return "%s; channels: %s" % (state["config"].path or "no config file",
-                                 ", ".join(name for name, _, _ in state["channels"]))
+    return "%s; channels: %s" % (found["config"].path or "no config file",
+                                 ", ".join(name for name, _, _ in found["channels"]))
 
 
-def selftest_work_dir(args, state):
-    state["own_dir"] = not args.work_dir
-    state["work_dir"] = os.path.abspath(args.work_dir or os.path.join(
+def selftest_work_dir(args, found):
+    found["own_dir"] = not args.work_dir
+    found["work_dir"] = os.path.abspath(args.work_dir or os.path.join(
         hpcrun_home(), "selftest", host_name()))
     try:
-        os.makedirs(state["work_dir"], exist_ok=True)
-        make_state_dirs(state["work_dir"])
+        os.makedirs(found["work_dir"], exist_ok=True)
+        make_state_dirs(found["work_dir"])
     except OSError as error:
-        raise failure_with_fix("cannot use '%s': %s" % (state["work_dir"], error.strerror),
+        raise failure_with_fix("cannot use '%s': %s" % (found["work_dir"], error.strerror),
                                "give a writable directory with --work-dir")
-    return state["work_dir"]
+    return found["work_dir"]
 
 
-def selftest_wrap(args, state):
+def selftest_wrap(args, found):
     argv = [sys.executable, os.path.abspath(__file__), "wrap", "--selftest", "--name", "selftest",
-            "--work-dir", state["work_dir"]] + (["--config", args.config] if args.config else [])
-    before = set(list_dir(state_dir(state["work_dir"], "done")))
+            "--work-dir", found["work_dir"]] + (["--config", args.config] if args.config else [])
+    before = set(list_dir(state_dir(found["work_dir"], "done")))
     result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
-    done = [name for name in list_dir(state_dir(state["work_dir"], "done"))
+    done = [name for name in list_dir(state_dir(found["work_dir"], "done"))
             if name.endswith(".json") and name not in before]
-    state["run_ids"] = [name[:-5] for name in done]  # only these: the dir may hold real runs
+    found["run_ids"] = [name[:-5] for name in done]  # only these: the dir may hold real runs
     if result.returncode != 0 or not done:
         output = result.stdout.decode("utf-8", errors="replace").strip().splitlines()
         raise failure_with_fix("wrap exited %d: %s" % (result.returncode, output[-1] if output else ""),
@@ -5223,50 +5224,50 @@ def selftest_wrap(args, state):
     return "record %s" % done[-1]
 
 
-def selftest_monitor(args, state):
-    state["errors"] = []
-    monitor = Monitor(state["config"], state["channels"], state["errors"].append)
-    state["state_dir"] = StateDir(state["work_dir"])
+def selftest_monitor(args, found):
+    found["errors"] = []
+    monitor = Monitor(found["config"], found["channels"], found["errors"].append)
+    found["state"] = StateDir(found["work_dir"])
     items = []
-    for run_id in state["run_ids"]:
-        claimed = state["state_dir"].claim("done", run_id + ".json", run_id, monitor.host, monitor.pid)
+    for run_id in found["run_ids"]:
+        claimed = found["state"].claim("done", run_id + ".json", run_id, monitor.host, monitor.pid)
         items += [(run_id, claimed)] if claimed else []
     if not items:
-        raise failure_with_fix("the monitor found no record in '%s'" % state["work_dir"],
+        raise failure_with_fix("the monitor found no record in '%s'" % found["work_dir"],
                                "check that the work dir is on a file system this node can read")
-    state["monitor"], state["items"] = monitor, items
+    found["monitor"], found["items"] = monitor, items
     return "%d record(s) claimed" % len(items)
 
 
-def selftest_push(args, state):
-    for run_id, claimed in state["items"]:
-        if state["monitor"].handle(state["state_dir"], run_id, claimed) != "delivered":
-            failed = [line for line in state["errors"] if line.startswith("push failed")]
+def selftest_push(args, found):
+    for run_id, claimed in found["items"]:
+        if found["monitor"].handle(found["state"], run_id, claimed) != "delivered":
+            failed = [line for line in found["errors"] if line.startswith("push failed")]
             raise failure_with_fix("; ".join(failed) or "the push failed",
                                    "check the channel's key, token and url (keys file, or HPCRUN_<SECTION>_<KEY>); "
                                    "'python3 hpcrun.py notify --test' retries just the push")
-    return "delivered via %s" % ", ".join(name for name, _, _ in state["channels"])
+    return "delivered via %s" % ", ".join(name for name, _, _ in found["channels"])
 
 
-def selftest_archive(args, state):
-    sent = list_dir(state_dir(state["work_dir"], "sent"))
-    if not any(run_id + ".json" in sent for run_id, _ in state["items"]):
+def selftest_archive(args, found):
+    sent = list_dir(state_dir(found["work_dir"], "sent"))
+    if not any(run_id + ".json" in sent for run_id, _ in found["items"]):
         raise failure_with_fix("the record was not archived", "check the work dir's permissions")
-    return "record moved to %s" % state_dir(state["work_dir"], "sent")
+    return "record moved to %s" % state_dir(found["work_dir"], "sent")
 
 
-def selftest_cleanup(state):
+def selftest_cleanup(found):
     """Leave nothing a real monitor would push later (a failed test report) or keep watching."""
-    work_dir = state.get("work_dir")
-    if state.get("state_dir"):
-        state["state_dir"].close()
+    work_dir = found.get("work_dir")
+    if found.get("state_dir"):
+        found["state"].close()
     if not work_dir:
         return
     for sub in ("done", "claimed", "delivery", "running"):
         for name in list_dir(state_dir(work_dir, sub)):
-            if any(name.startswith(run_id + ".") for run_id in state.get("run_ids", ())):
+            if any(name.startswith(run_id + ".") for run_id in found.get("run_ids", ())):
                 remove_quietly(os.path.join(state_dir(work_dir, sub), name))
-    if state.get("own_dir"):
+    if found.get("own_dir"):
         remove_quietly(registry_entry(work_dir))
 
 
