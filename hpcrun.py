@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 SCHEMA_VERSION = 1
 STATE_DIR = ".hpcrun"
 STATE_SUBDIRS = ("running", "done", "claimed", "delivery", "sent")
-ALL_STATE_SUBDIRS = STATE_SUBDIRS + ("reminders", "then")
+ALL_STATE_SUBDIRS = STATE_SUBDIRS + ("reminders", "then", "held")
 LEGACY_RECORD = ".train_complete.json"
 RUN_ID_RE = r"^[A-Za-z0-9_][A-Za-z0-9._~-]{0,199}\Z"   # file names under .hpcrun/ are run ids
 BAD_NAME_PREFIX = "badname-"
@@ -68,6 +68,8 @@ STATUS_TABLE = (
     ("start",             "event", "start",              "start",              False, ()),
     ("time_limit_warning", "event", "time_limit_warning", "time_limit_warning", False, ()),
     ("release_reminder",  "event", "release_reminder",   None,                 False, ()),
+    ("array_done",        "event", "array_done",         None,                 False, ()),
+    ("array_failing",     "event", "array_failing",      None,                 True,  ()),
 )
 STATUSES = tuple(row[0] for row in STATUS_TABLE if row[1] == "end")
 EVENT_STATUSES = tuple(row[0] for row in STATUS_TABLE if row[1] == "event")
@@ -90,12 +92,16 @@ DEFAULTS = {
         "channels": "",
         "language": "zh",
         "keys_file": "api_keys.ini",
-        "events": "end, lost, stalled, time_limit_warning, release_reminder",
+        "events": "end, lost, stalled, time_limit_warning, release_reminder, array_done, array_failing",
         "only_failures": False,
         "min_duration": 0.0,
         "skip_short_failures": False,
         "time_limit_margin": 600.0,
         "ca_file": "",
+        "arrays": "digest",
+        "array_timeout": 86400.0,
+        "array_fail_fast_after": 5,
+        "array_fail_fast": 0.5,
     },
     "report": {
         "include_last_n_lines": 50,
@@ -119,11 +125,11 @@ DEFAULTS = {
         "log_dir": "logs",
         "heartbeat_interval": 60.0,
         "grace": 0.0,
+        "group": "",
+        "group_size": 0,
     },
 }
 SECRET_KEYS = ("api_key", "key", "token", "access_token", "device_key", "secret", "password")
-# Settings that are secret for one type only: webhook URLs carry their token in the URL, the
-# ntfy topic is the password of a public topic, the Pushover user key pairs with the token.
 TITLE_SHARE = 4              # a title takes at most a quarter of a channel's limit: the header fits
 SERVERCHAN_TURBO_URL = "https://sctapi.ftqq.com/{key}.send"          # SCT... keys
 SERVERCHAN3_URL = "https://{uid}.push.ft07.com/send/{key}.send"      # sctp{uid}t... keys
@@ -132,7 +138,9 @@ SERVERCHAN3_URL = "https://{uid}.push.ft07.com/send/{key}.send"      # sctp{uid}
 SECRET_HEADER_RE = r"(?i)auth|token|key|secret|passw|cookie|sign"
 JSON_TYPE = "application/json; charset=utf-8"
 FORM_TYPE = "application/x-www-form-urlencoded"
-LEGACY_ENV = {("xxtui", "api_key"): "XXTUI_KEY"}
+LEGACY_ENV = {("xxtui", "api_key"): "XXTUI_KEY", ("wrap", "group"): "HPCRUN_GROUP",
+              ("wrap", "group_size"): "HPCRUN_GROUP_SIZE"}
+ARRAY_MODES = ("digest", "failures", "each")
 LANGUAGES = ("zh", "en")
 
 TERMINATING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGXCPU")
@@ -157,6 +165,12 @@ PIPE_SIZE = 1 << 20
 TAIL_BLOCK = 1 << 16
 TAIL_MAX_BYTES = 1 << 20
 CLASSIFY_LINES = 2000        # log lines looked at for the cause, from a tail of at most 1 MiB
+ARRAY_TAIL_LINES = 20        # log lines of an array's first failure in its digest
+ARRAY_CHECK_INTERVAL = 60.0  # seconds between two questions to the scheduler about one array
+ARRAY_CLAIM_TIMEOUT = 600.0  # a digest claimed by a monitor that died is taken over after this
+ARRAY_INDEX_MAX = 100000     # indices listed of an array's tasks that never reported
+LOCK_STALE = 60.0            # seconds after which a monitors' lock is taken as left by a dead one
+LOCK_WAIT = 10.0
 LINE_MAX_CHARS = 500
 NAME_MAX_CHARS = 200         # a run's name as reports show it
 LOG_NAME_TRIES = 1000
@@ -231,6 +245,22 @@ MESSAGES = {
         "title_start": "🚀 训练开始 {name}",
         "title_time_limit_warning": "⏳ 即将超时 {name} · 剩 {remaining}",
         "title_release_reminder": "⚠️ 训练已结束 {since}，节点仍在计费: {release}",
+        "title_array_done": "📦 作业数组 {name}：{ok}/{total} 成功{causes}",
+        "title_array_failing": "🚨 作业数组 {name} 正在大量失败：已结束 {reported} 个，失败 {failed} 个{causes}",
+        "status_array_done": "作业数组的所有任务都已结束",
+        "status_array_failing": "作业数组里失败的任务太多",
+        "array_tasks": "任务：{total} · 成功 {ok} · 失败 {failed} · 未启动 {never}",
+        "array_lost": " · 失联 {n}",
+        "array_ended": "已结束：{reported}/{total} · 成功 {ok} · 失败 {failed}",
+        "array_failed": "失败：{list}",
+        "array_never_started": "未启动：{list}",
+        "array_never_reported": "没有报告（超时）：{list}",
+        "array_resubmit": "重新提交：{line}",
+        "array_cancel": "取消整个数组：{cancel}",
+        "array_durations": "时长：中位数 {median} · 最快 {fastest}（任务 {fastest_task}） · 最慢 {slowest}（任务 {slowest_task}） · 合计 {total}",
+        "array_first": "首个失败：任务 {task} · {label}",
+        "array_tail": "--- 任务 {task}，日志最后 {n} 行 ---",
+        "label_lost": "失联",
         "test_prefix": "[测试] ",
         "status_start": "开始运行",
         "status_time_limit_warning": "作业时间上限还剩 {remaining}：保存检查点或延长作业",
@@ -349,6 +379,22 @@ MESSAGES = {
         "title_start": "🚀 Training started {name}",
         "title_time_limit_warning": "⏳ Time limit near {name} · {remaining} left",
         "title_release_reminder": "⚠️ Training ended {since} ago, node still billed: {release}",
+        "title_array_done": "📦 Array {name}: {ok}/{total} ok{causes}",
+        "title_array_failing": "🚨 Array {name} failing: {failed} of {reported} ended tasks failed{causes}",
+        "status_array_done": "every task of the array has ended",
+        "status_array_failing": "too many tasks of the array failed",
+        "array_tasks": "Tasks: {total} · ok {ok} · failed {failed} · never started {never}",
+        "array_lost": " · lost {n}",
+        "array_ended": "Ended: {reported} of {total} · ok {ok} · failed {failed}",
+        "array_failed": "Failed: {list}",
+        "array_never_started": "Never started: {list}",
+        "array_never_reported": "Never reported (timed out): {list}",
+        "array_resubmit": "Resubmit: {line}",
+        "array_cancel": "Cancel the array: {cancel}",
+        "array_durations": "Durations: median {median} · fastest {fastest} (task {fastest_task}) · slowest {slowest} (task {slowest_task}) · total {total}",
+        "array_first": "First failure: task {task} · {label}",
+        "array_tail": "--- task {task}, last {n} log lines ---",
+        "label_lost": "lost",
         "test_prefix": "[test] ",
         "status_start": "started",
         "status_time_limit_warning": "{remaining} left before the job's time limit: save a checkpoint or extend the job",
@@ -1100,6 +1146,12 @@ def check_config(config):
             CHANNELS[channel_type(name)].check(config, name, values)
     parse_events(config)
     check_templates(config)
+    if config.get("notify", "arrays") not in ARRAY_MODES:
+        raise ConfigError("%s: [notify] arrays: '%s' is not one of %s" % (
+            config.where("notify", "arrays"), config.get("notify", "arrays"), ", ".join(ARRAY_MODES)))
+    if config.get("notify", "array_fail_fast") > 1:
+        raise ConfigError("%s: [notify] array_fail_fast: %g is not a share from 0 to 1" % (
+            config.where("notify", "array_fail_fast"), config.get("notify", "array_fail_fast")))
     if config.get("report", "include_last_n_lines") > CLASSIFY_LINES:
         raise ConfigError("%s: [report] include_last_n_lines: %d is more than the %d log lines a "
                           "report reads" % (config.where("report", "include_last_n_lines"),
@@ -1397,12 +1449,22 @@ def read_json_owned(path, max_bytes=1 << 20, dir_fd=None, shown=None):
 # field by field before use: text (str), int, number (finite int or float), bool, texts (list
 # of str), values (list of numbers; nan and inf allowed: a diverging loss), or a nested table.
 NUMBER_MAX = 1e15             # the largest number a record may hold (seconds, bytes)
+# An array digest's facts (status array_done, array_failing): counts, ranges, durations.
+ARRAY_FIELDS = {
+    "key": "text", "scheduler": "text", "id": "text", "name": "text", "size": "index",
+    "reported": "index", "ok": "index", "failed": "index", "lost": "index", "never_started": "index",
+    "causes": "rows", "unfinished": "text", "lost_tasks": "text", "resubmit": "texts", "cancel": "text",
+    "timed_out": "bool",
+    "median": "number", "fastest": "number", "fastest_task": "text", "slowest": "number",
+    "slowest_task": "text", "total": "number", "first_task": "text", "first_label": "text",
+    "first_line": "text",
+}
 JOB_FIELDS = {
     "scheduler": "text", "id": "id", "name": "text", "array_id": "id", "array_index": "index",
     "array_first": "index", "array_last": "index", "array_step": "index", "array_count": "index",
     "partition": "text", "nodes": "text", "restart_count": "id", "end_time": "number",
     "time_limit": "number", "output_file": "text", "outlives": "bool", "release": "text",
-    "cpus": "index", "gpus": "index", "script": "text",
+    "cpus": "index", "gpus": "index", "script": "text", "variant": "text", "binary": "bool",
 }
 RECORD_FIELDS = {
     "run_id": "text", "name": "text", "command": "text", "work_dir": "text", "host": "text",
@@ -1417,6 +1479,7 @@ RECORD_FIELDS = {
     "wrapper_cpu_while_running": "number", "final": "bool", "test": "bool", "legacy": "bool",
     "warnings": "texts", "job": JOB_FIELDS, "metric": {"name": "text", "values": "values"},
     "gpus": {"visible": "text", "names": "texts"},
+    "group": {"name": "text", "size": "index"}, "array": ARRAY_FIELDS,
 }
 REMINDER_FIELDS = dict(RECORD_FIELDS, ended="number", next_check="number", sent="int",
                        unanswered="int")
@@ -1461,6 +1524,10 @@ def check_value(value, kind):
     if kind == "texts":
         ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
         return [clean_text(item) for item in value] if ok else None
+    if kind == "rows":  # [[text, text, text], ...]: a small table
+        ok = isinstance(value, list) and all(isinstance(item, list) and len(item) == 3 and
+                                             all(isinstance(part, str) for part in item) for item in value)
+        return [[clean_text(part) for part in item] for item in value] if ok else None
     if kind == "values":
         return value if isinstance(value, list) and all(is_number(item) for item in value) else None
     return None
@@ -1834,6 +1901,25 @@ class Scheduler(object):
         None when it says nothing (the training just died of a signal)."""
         return None
 
+    def array_active(self, job, runner):
+        """Whether any task of the job's array still waits or runs: True, False, or None when
+        the scheduler cannot tell."""
+        return None
+
+    def task_label(self, array_id, index):
+        """How the scheduler names one task of an array (Slurm 123_4, Grid Engine 123.4)."""
+        return "%s_%s" % (array_id, index)
+
+    def stop_notice(self, name, when, job):
+        """The cause of a training that ended (any exit status) after this warning signal, when
+        the scheduler sends it to announce a stop (Grid Engine's -notify): it was stopped, it did
+        not finish. None for a warning that announces nothing of the kind."""
+        return None
+
+    def resubmit(self, indices, target, job):
+        """The commands that submit these tasks of an array again (target: the batch script)."""
+        return []
+
 
 class Verdict(object):
     """A scheduler's answer about a job: whether it still runs (or waits), its own state word,
@@ -1970,6 +2056,18 @@ class Slurm(Scheduler):
     def verdict(self, state, reason=None, exit_code=None):
         return Verdict(state in self.running_states, state, self.causes.get(state), reason, exit_code)
 
+    def array_active(self, job, runner):
+        result = run_command(["squeue", "-h", "-j", job["array_id"], "-o", "%T"], runner)
+        if result is None:
+            return None
+        code, out, err = result
+        if code == 0:
+            return bool(out.strip())
+        return False if "Invalid job id" in err else None   # ended longer ago than MinJobAge
+
+    def resubmit(self, indices, target, job):
+        return ["sbatch --array=%s %s" % (format_ranges(indices), shlex.quote(target))]
+
 
 class PBS(Scheduler):
     """PBS Pro, OpenPBS and Torque."""
@@ -1991,7 +2089,28 @@ class PBS(Scheduler):
                "cpus": int_or_none(env.get("NCPUS") or env.get("PBS_NUM_PPN"))}
         array_id = env.get("PBS_ARRAY_ID") or re.sub(r"\[\d+\]", "[]", env["PBS_JOBID"])
         job.update(array_facts(array_id, env.get("PBS_ARRAY_INDEX") or env.get("PBS_ARRAYID")))
+        if job.get("array_id"):
+            job["variant"] = "torque" if env.get("PBS_ARRAYID") else "pbspro"
         return job
+
+    def array_active(self, job, runner):
+        text = run_quietly(["qstat", "-x", "-f", job["array_id"]], runner)
+        state = re.search(r"job_state = (\S+)", text or "")
+        if not state:
+            return None
+        return state.group(1) not in ("F", "X")
+
+    def task_label(self, array_id, index):
+        return str(array_id).replace("[]", "[%s]" % index, 1)
+
+    def resubmit(self, indices, target, job):
+        """Torque takes a list (-t 5,17-18); PBS Pro one range X-Y (X < Y) a submission, so a lone
+        index runs as a plain job with the index it would have had."""
+        if job.get("variant") == "torque":
+            return ["qsub -t %s %s" % (format_ranges(indices), shlex.quote(target))]
+        return ["qsub -J %d-%d %s" % (first, last, shlex.quote(target)) if first < last else
+                "qsub -v PBS_ARRAY_INDEX=%d %s" % (first, shlex.quote(target))
+                for first, last in contiguous_ranges(indices)]
 
     def add_facts(self, job, start_time, env, runner):
         walltime = env.get("PBS_WALLTIME")
@@ -2047,6 +2166,13 @@ class LSF(Scheduler):
     def outlives(self, env, parent_comm):
         return env.get("LSB_INTERACTIVE") == "Y"
 
+    def task_label(self, array_id, index):
+        return "%s[%s]" % (array_id, index)
+
+    def resubmit(self, indices, target, job):
+        name = re.sub(r"\[.*$", "", job.get("name") or "array") or "array"
+        return ['bsub -J "%s[%s]" %s' % (name, format_ranges(indices), shlex.quote(target))]
+
     def query(self, job_id, runner):
         text = run_quietly(["bjobs", "-l", job_id], runner)
         status = re.search(r"Status <(\w+)>", text or "")
@@ -2084,6 +2210,13 @@ class GridEngine(Scheduler):
     def add_facts(self, job, start_time, env, runner):
         """h_rt (the hard limit, the kill) from `qstat -j`; its end counts from the wrapper's start."""
         text = run_quietly(["qstat", "-j", job["id"]], runner) or ""
+        fields = dict(re.findall(r"^(job_type|script_file|job_args):\s*(.*)$", text, re.M))
+        if "binary" in fields.get("job_type", "") and fields.get("script_file"):
+            argv = [fields["script_file"]] + [arg for arg in fields.get("job_args", "").split(",") if arg]
+            job["script"] = "-b y -shell no " + " ".join(shlex.quote(arg) for arg in argv)
+            job["binary"] = True
+        elif fields.get("script_file"):
+            job["script"] = fields["script_file"]
         limits = re.search(r"^hard resource_list:\s*(.*)$", text, re.M)
         h_rt = re.search(r"(?:^|,)h_rt=([\d:]+)", limits.group(1)) if limits else None
         if h_rt:
@@ -2106,6 +2239,25 @@ class GridEngine(Scheduler):
         if number == 100 or code == "137":   # "assumedly after job": qdel's SIGKILL
             return Verdict(False, "CANCELLED", "cancelled", reason, code)
         return Verdict(False, "FAILED" if number else "COMPLETED", None, reason, code)
+
+    def array_active(self, job, runner):
+        result = run_command(["qstat", "-j", job["array_id"]], runner)
+        if result is None:
+            return None
+        return result[0] == 0   # "Following jobs do not exist" once every task ended
+
+    def task_label(self, array_id, index):
+        return "%s.%s" % (array_id, index)   # qsub -sync y: "Job 7.2 exited with exit code 3"
+
+    def resubmit(self, indices, target, job):
+        """qsub -t takes one range n[-m] a submission: one line per range. target is the script,
+        or for a binary job (-b y) its whole command, quoted already (add_facts)."""
+        return ["qsub -t %s %s" % ("%d-%d" % (first, last) if first < last else "%d" % first,
+                                   target if job.get("binary") else shlex.quote(target))
+                for first, last in contiguous_ranges(indices)]
+
+    def stop_notice(self, name, when, job):
+        return self.warning_cause(name, when, job) if self.warning_signals.get(name) == "kill_notice" else None
 
     def warning_cause(self, name, when, job):
         """SIGUSR2 is the notice of a kill: at the hard limit (h_rt) a time limit, else a qdel;
@@ -2208,11 +2360,24 @@ def job_label(job):
         return None
     label = "%s %s" % (job.get("scheduler"), job.get("id"))
     if job.get("array_index") is not None and job.get("array_id"):
-        label = "%s %s_%s" % (job.get("scheduler"), job["array_id"], job["array_index"])
+        label = "%s %s" % (job.get("scheduler"), scheduler_of(job).task_label(job["array_id"], job["array_index"]))
     return label + (" (%s)" % job["name"] if job.get("name") else "")
 
 
 # --- wrap: child process, output relay, signals, heartbeat ---
+
+def run_command(argv, runner=subprocess.run):
+    """(exit status, stdout, stderr) of a scheduler command, or None when it is missing or hangs.
+    An argument from a record must have passed JOB_ID_RE: never an option."""
+    if not find_program(argv[0]):
+        return None
+    try:
+        result = runner(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        universal_newlines=True, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.returncode, result.stdout or "", result.stderr or ""
+
 
 def run_quietly(argv, runner=subprocess.run):
     """stdout of a scheduler command, or None when it is missing, fails or hangs."""
@@ -2433,6 +2598,10 @@ def classify_ending(returncode, wrapper_signal, signal_time, job, oom_before, oo
             cause = "crash" if name in CRASH_SIGNALS else "signal"
         return "killed", 128 - returncode, name, cause
     code = returncode if returncode is not None else 1
+    for name, when in (warnings or {}).items():
+        cause = scheduler_of(job).stop_notice(name, when, job)
+        if cause:  # told to stop (a checkpoint saved, maybe): stopped, not finished
+            return "terminated", code, name, cause
     return ("success" if code == 0 else "failed"), code, None, "exit_code"
 
 
@@ -2450,6 +2619,7 @@ class Wrapper(object):
         self.start_time = now()
         self.job = job_facts(env, self.start_time, parent_comm, runner)
         self.scheduler = scheduler_of(self.job)
+        self.group = run_group(config)
         self.grace = config.get("wrap", "grace") or (self.scheduler.grace(DEFAULT_GRACE, runner) if self.job
                                                      else DEFAULT_GRACE)
         self.run_id = new_run_id(self.start_time, self.host)
@@ -2484,7 +2654,7 @@ class Wrapper(object):
             "host": self.host, "pid": os.getpid(), "start_time": self.start_time,
             "started": format_local_time(self.start_time), "job": self.job,
             "log_file": os.path.relpath(self.log_path, self.work_dir) if self.log_path else None,
-            "test": bool(getattr(self.args, "selftest", False)),
+            "test": bool(getattr(self.args, "selftest", False)), "group": self.group,
         }
 
     def start(self):
@@ -2519,6 +2689,7 @@ class Wrapper(object):
         self.relay = Relay(self.child.stdout.fileno(), self.log_fd, stdout_fd(), self.sampler)
         self.relay.start()
         threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
+        release_memory()
         return None
 
     def running_record(self):
@@ -2785,6 +2956,18 @@ def become_subreaper():
         return False
 
 
+def release_memory():
+    """Give back to the system what compiling this file took (about 14 MB the allocator keeps
+    after start-up): the wrapper then holds ~20 MB for the whole run (glibc; best effort)."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def process_status(pid):
     """(state letter, parent pid, process group) of a process from /proc, or None."""
     try:
@@ -2936,6 +3119,14 @@ def read_parent_comm():
             return stream.read()
     except OSError:
         return None
+
+
+def run_group(config):
+    """{"name", "size"} of the sweep this run belongs to (wrap --group), or None."""
+    name = str(config.get("wrap", "group") or "").strip()
+    if not name:
+        return None
+    return {"name": name[:NAME_MAX_CHARS], "size": int(config.get("wrap", "group_size") or 0) or None}
 
 
 def job_facts(env, start_time, parent_comm, runner=subprocess.run):
@@ -3182,6 +3373,8 @@ def report_fields(record, lines, messages, scheduler_lines=()):
     duration = record.get("duration")
     if duration is None and record.get("start_time") and record.get("end_time"):
         duration = record["end_time"] - record["start_time"]
+    if duration is None and record.get("start_time") and record.get("last_heartbeat"):
+        duration = record["last_heartbeat"] - record["start_time"]   # a lost run: until its last beat
     job = record.get("job") if isinstance(record.get("job"), dict) else {}
     cause, cause_line = resolve_cause(record, lines, scheduler_lines)
     return {
@@ -3212,6 +3405,8 @@ def build_report(record, config, work_dir, uid=None):
     """The report of a record, in the configured language: title, header, log tail.
 
     uid: the user the monitor runs as; files the record names are read as open_named_file allows."""
+    if record.get("status") in ("array_done", "array_failing"):
+        return array_report(record, config, work_dir, uid)
     language = config.get("notify", "language")
     messages = MESSAGES[language]
     status = record.get("status") if record.get("status") in STATUSES + EVENT_STATUSES else "unknown"
@@ -3249,6 +3444,88 @@ def fill_report_template(config, key, fields):
         return template.replace("\\n", "\n").format(**fields), None
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
         return None, "[report] %s: %s" % (key, error)
+
+
+def array_report(record, config, work_dir, uid=None):
+    """The report of an array digest (array_done) or of its fail-fast push (array_failing):
+    counts by status and cause, failed tasks as ranges, the resubmit line, durations, and the
+    first failure with its log tail."""
+    language = config.get("notify", "language")
+    messages = MESSAGES[language]
+    facts = record.get("array") or {}
+    status = record["status"]
+    lines, _ = read_log_lines(record, work_dir, messages, named_file_roots(config, work_dir), uid)
+    title = messages["title_" + status].format(**array_title_fields(facts, messages))
+    header = array_header(facts, messages, status)
+    tail = lines[-ARRAY_TAIL_LINES:] if facts.get("first_task") and status == "array_done" else []
+    if tail:
+        tail = [messages["array_tail"].format(task=facts["first_task"], n=len(tail))] + tail
+    secrets = config.secrets
+    fields = {"name": record.get("name") or "", "status": status, "run_id": record.get("run_id") or "",
+              "work_dir": work_dir}
+    return Report(redact(title, secrets), [redact(line, secrets) for line in header],
+                  [redact(line, secrets) for line in tail], language, config.get("report", "max_chars"), fields)
+
+
+def array_title_fields(facts, messages):
+    name = str(facts.get("id") or "?")
+    if facts.get("scheduler") and facts.get("name") and facts["name"] != name:
+        name += " " + facts["name"]   # a job array: its id and its name; a sweep: its group name
+    causes = "".join(" · %s %s" % (count, label) for label, _, count in facts.get("causes") or [])
+    lost = " · %d %s" % (facts["lost"], messages["label_lost"]) if facts.get("lost") else ""
+    return {"name": one_line(name, NAME_MAX_CHARS), "ok": facts.get("ok") or 0,
+            "total": facts.get("size") or facts.get("reported") or 0, "reported": facts.get("reported") or 0,
+            "failed": (facts.get("failed") or 0) + (facts.get("lost") or 0), "causes": causes + lost}
+
+
+def array_header(facts, messages, status):
+    """The digest's lines: tasks, failed, unfinished, resubmit (or cancel), durations, first failure.
+    A fail-fast push (array_failing) counts the tasks that ended so far and says how to cancel."""
+    total = facts.get("size") or facts.get("reported") or 0
+    if status == "array_failing":
+        return array_failing_header(facts, messages, total)
+    counts = messages["array_tasks"].format(total=total, ok=facts.get("ok") or 0, failed=facts.get("failed") or 0,
+                                            never=facts.get("never_started") or 0)
+    if facts.get("lost"):
+        counts += messages["array_lost"].format(n=facts["lost"])
+    header = [counts]
+    if facts.get("causes"):
+        header.append(messages["array_failed"].format(list=" · ".join(
+            "%s (%s)" % (tasks, label) for label, tasks, _ in facts["causes"])))
+    if facts.get("unfinished"):
+        key = "array_never_reported" if facts.get("timed_out") else "array_never_started"
+        header.append(messages[key].format(list=facts["unfinished"]))
+    elif facts.get("timed_out") and facts.get("never_started"):
+        header.append(messages["array_never_reported"].format(list=facts["never_started"]))
+    header += [messages["array_resubmit"].format(line=line) for line in facts.get("resubmit") or []]
+    if facts.get("median") is not None:
+        header.append(messages["array_durations"].format(
+            median=format_duration(facts["median"]), fastest=format_duration(facts["fastest"]),
+            fastest_task=facts.get("fastest_task"), slowest=format_duration(facts["slowest"]),
+            slowest_task=facts.get("slowest_task"), total=format_total(facts["total"])))
+    if facts.get("first_task"):
+        line = messages["array_first"].format(task=facts["first_task"], label=facts.get("first_label") or "?")
+        header.append(line + (" — " + facts["first_line"] if facts.get("first_line") else ""))
+    return header
+
+
+def array_failing_header(facts, messages, total):
+    header = [messages["array_ended"].format(reported=facts.get("reported") or 0, total=total,
+                                             ok=facts.get("ok") or 0, failed=facts.get("failed") or 0)]
+    if facts.get("causes"):
+        header.append(messages["array_failed"].format(list=" · ".join(
+            "%s (%s)" % (tasks, label) for label, tasks, _ in facts["causes"])))
+    if facts.get("cancel"):
+        header.append(messages["array_cancel"].format(cancel=facts["cancel"]))
+    if facts.get("first_task"):
+        line = messages["array_first"].format(task=facts["first_task"], label=facts.get("first_label") or "?")
+        header.append(line + (" — " + facts["first_line"] if facts.get("first_line") else ""))
+    return header
+
+
+def format_total(seconds):
+    """Hours of many tasks together: 121h; below ten hours as a duration (3h12m)."""
+    return "%dh" % round(seconds / 3600.0) if seconds >= 36000 else format_duration(seconds)
 
 
 def report_title(status, fields, messages):
@@ -4333,11 +4610,18 @@ class Delivery(object):
         return self.deliver(state, run_id, claimed, self.load(state, run_id, claimed))
 
     def deliver(self, state, run_id, claimed, record):
-        """Push a claimed record's report to every channel that has not accepted it yet."""
+        """Push a claimed record's report to every channel that has not accepted it yet (a task
+        of a job array is counted for the array's digest, and its report held for it)."""
+        report = None
+        if array_key(record):
+            report = build_report(record, self.config, state.work_dir, self.uid)
+            if self.holds(state, run_id, record, report.fields):
+                self.hold(state, run_id, claimed, record)
+                return "delivered"
         if not self.wanted(record):
             self.archive(state, run_id, claimed, record, sent=False)
             return "delivered"
-        report = build_report(record, self.config, state.work_dir, self.uid)
+        report = report or build_report(record, self.config, state.work_dir, self.uid)
         delivery = read_delivery_state(state, run_id)
         accepted = set(delivery.get("accepted") or [])
         errors = []
@@ -4422,6 +4706,7 @@ class Delivery(object):
                 if suffix == ".json" or any(suffix.startswith(end) for end in MARKER_OF_STATUS.values()):
                     state.remove("running", name)
             self.schedule_reminder(state, run_id, record)
+        self.release_tasks(record)
         if sent:
             self.log("delivered: %s via %s" % (describe_run(record), ", ".join(n for n, _, _ in self.channels)))
         else:
@@ -4670,7 +4955,401 @@ class Watcher(object):
         state.write_json("reminders", filename, reminder)
 
 
-class Monitor(Delivery, Watcher):
+# --- arrays: one digest per job array or sweep ---
+
+def array_key(record):
+    """The key of the array or sweep a run belongs to ("slurm-123456", "group-lr-sweep"), or None."""
+    job = record.get("job") or {}
+    if job.get("array_id") and job.get("array_index") is not None:
+        raw = "%s-%s" % (job.get("scheduler"), job["array_id"])
+    elif (record.get("group") or {}).get("name"):
+        raw = "group-" + record["group"]["name"]
+    else:
+        return None
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", raw)[:100].lstrip("._-")
+    return key if valid_run_id(key) else None
+
+
+def task_summary(record, fields, work_dir, run_id):
+    """What an array digest needs of one task that ended (the report's fields give its cause)."""
+    job = record.get("job") or {}
+    index = job.get("array_index")
+    failed = record.get("status") in FAILURE_STATUSES
+    label = fields.get("label") or (("exit %s" % record.get("exit_code")) if failed and
+                                    record.get("exit_code") is not None else None)
+    return {"task": str(index) if index is not None else (record.get("name") or run_id),
+            "index": index, "run_id": run_id, "status": record.get("status"), "failed": failed,
+            "label": label if failed else None, "cause_line": fields.get("cause_line") if failed else None,
+            "duration": record.get("duration"), "end_time": record.get("end_time") or time.time(),
+            "work_dir": work_dir, "log_file": record.get("log_file"), "author_uid": record.get("author_uid")}
+
+
+def array_info(record, key, work_dir):
+    """The facts of an array, from its first task: id, name, size, index range, script, job."""
+    job = dict(record.get("job") or {})
+    group = record.get("group") or {}
+    size = job.get("array_count") if job.get("array_id") else group.get("size")
+    return {"key": key, "scheduler": job.get("scheduler") if job.get("array_id") else None,
+            "id": job.get("array_id") or group.get("name"), "name": record.get("name"), "size": size,
+            "first": job.get("array_first"), "last": job.get("array_last"), "step": job.get("array_step"),
+            "script": job.get("script"), "job": job if job.get("array_id") else None, "work_dir": work_dir}
+
+
+class ArrayLedger(object):
+    """What the monitors know of one array, under ~/.hpcrun/arrays/<key>/ (the user's own, shared
+    by the login nodes): one file per task that ended (tasks/<index>.json), a tally of counts
+    changed under a lock, the array's facts (info.json) and once-only markers (digest, failing).
+    A poll's cost grows with the tasks that ended, not with the array's size."""
+
+    def __init__(self, home, key, now=time.time):
+        self.key = key
+        self.dir = os.path.join(home, "arrays", key)
+        self.now = now
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def read(self, *parts):
+        try:
+            return read_json_file(self.path(*parts))
+        except HpcrunError:
+            return {}
+
+    def info(self):
+        return self.read("info.json")
+
+    def tally(self):
+        return check_fields(self.read("tally.json"), TALLY_FIELDS, "tally") if self.read("tally.json") else {}
+
+    def add(self, summary, info):
+        """Count a task (a second record of the same task replaces the first); True when its
+        failure label is new for the array."""
+        os.makedirs(self.path("tasks"), exist_ok=True)
+        if not os.path.exists(self.path("info.json")):
+            write_json_atomic(self.path("info.json"), info)
+        name = re.sub(r"[^A-Za-z0-9_.~-]", "_", summary["task"])[:120] + ".json"
+        with self.locked():
+            old = self.read("tasks", name)
+            tally = self.tally()
+            labels = set(tally.get("labels") or [])
+            for item, sign in ((old, -1), (summary, 1)):
+                if item:
+                    for count in ("reported", "ok", "failed", "lost"):
+                        if count == "reported" or task_outcome(item) == count:
+                            tally[count] = (tally.get(count) or 0) + sign
+            tally.update(last_report=self.now(), first_report=tally.get("first_report") or self.now())
+            new_label = summary["failed"] and summary["label"] not in labels
+            tally["labels"] = sorted(labels | ({summary["label"]} if summary["failed"] else set()))
+            write_json_atomic(self.path("tasks", name), summary)
+            write_json_atomic(self.path("tally.json"), tally)
+        return new_label
+
+    def summaries(self):
+        """Every task's summary (read once, for the digest)."""
+        found = []
+        for name in list_dir(self.path("tasks")):
+            if name.endswith(".json") and not name.startswith("."):
+                summary = self.read("tasks", name)
+                if summary:
+                    found.append(summary)
+        return found
+
+    def locked(self):
+        return FileLock(self.path("lock"), self.now)
+
+    def has(self, marker_name):
+        return os.path.exists(self.path(marker_name))
+
+    def claim(self, marker_name):
+        """Take the right to send a once-only report (digest, failing): False when another
+        monitor has it, or sent it. A claim left by a monitor that died is taken after a while."""
+        pending = self.path(marker_name + ".pending")
+        if self.has(marker_name):
+            return False
+        try:
+            os.close(os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return True
+        except FileExistsError:
+            if self.now() - os.stat(pending).st_mtime < ARRAY_CLAIM_TIMEOUT:
+                return False
+            os.utime(pending)
+            return True
+
+    def done(self, marker_name):
+        os.replace(self.path(marker_name + ".pending"), self.path(marker_name))
+
+    def release_claim(self, marker_name):
+        remove_quietly(self.path(marker_name + ".pending"))
+
+
+TALLY_FIELDS = {"reported": "int", "ok": "int", "failed": "int", "lost": "int", "first_report": "number",
+                "last_report": "number", "checked": "number", "labels": "texts"}
+
+
+def task_outcome(summary):
+    """ok, failed or lost: how a task's summary counts."""
+    if summary.get("status") == "lost":
+        return "lost"
+    return "failed" if summary.get("failed") else "ok"
+
+
+class FileLock(object):
+    """An exclusive lock between monitors (O_EXCL create); one older than a minute is broken."""
+
+    def __init__(self, path, now=time.time):
+        self.path = path
+        self.now = now
+
+    def __enter__(self):
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                return self
+            except FileExistsError:
+                try:
+                    if self.now() - os.stat(self.path).st_mtime > LOCK_STALE:
+                        remove_quietly(self.path)  # its monitor died holding it
+                        continue
+                except OSError:
+                    continue
+            if time.monotonic() > deadline:
+                raise HpcrunError("lock '%s' is held for too long" % self.path)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        remove_quietly(self.path)
+
+
+def format_ranges(indices):
+    """5,17-18,40-43 of sorted whole numbers."""
+    ranges, start, end = [], None, None
+    for index in sorted(set(indices)):
+        if start is not None and index == end + 1:
+            end = index
+            continue
+        if start is not None:
+            ranges.append((start, end))
+        start = end = index
+    if start is not None:
+        ranges.append((start, end))
+    return ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in ranges)
+
+
+def contiguous_ranges(indices):
+    """[(first, last), ...] of sorted whole numbers (one per submission where a scheduler takes
+    one range only)."""
+    return [tuple(int(n) for n in part.split("-")) if "-" in part else (int(part), int(part))
+            for part in format_ranges(indices).split(",") if part]
+
+
+def digest_facts(info, summaries, tally, timed_out, now=time.time):
+    """The array block of a digest record: counts, failed ranges by cause, never started, the
+    resubmit line, durations, the first failure."""
+    indexed = info.get("scheduler") is not None
+    failed = [s for s in summaries if s.get("failed") and s.get("status") != "lost"]
+    lost = [s for s in summaries if s.get("status") == "lost"]
+    size = info.get("size")
+    unfinished_names, never = unfinished(info, summaries)
+    causes = collections.OrderedDict()
+    for summary in sorted(failed, key=lambda s: (s.get("index") is None, s.get("index"), s["task"])):
+        causes.setdefault(summary.get("label") or "?", []).append(summary)
+    durations = sorted((s["duration"], s["task"]) for s in summaries if is_number(s.get("duration")))
+    first = min(failed, key=lambda s: s.get("end_time") or 0) if failed else None
+    facts = {"key": info.get("key"), "scheduler": info.get("scheduler"), "id": info.get("id"),
+             "name": info.get("name"), "size": size, "reported": len(summaries),
+             "ok": len([s for s in summaries if task_outcome(s) == "ok"]), "failed": len(failed),
+             "lost": len(lost), "never_started": never, "timed_out": timed_out,
+             "causes": [[label, task_list(tasks, indexed), str(len(tasks))] for label, tasks in causes.items()],
+             "unfinished": unfinished_names, "lost_tasks": task_list(lost, indexed),
+             "resubmit": resubmit_lines(info, [s.get("index") for s in failed + lost] + never_indices(info, summaries))
+             if indexed else [],
+             "cancel": release_command(dict(info.get("job") or {}, id=info.get("id"))) if indexed else None}
+    if durations:
+        middle = durations[len(durations) // 2][0] if len(durations) % 2 else \
+            (durations[len(durations) // 2 - 1][0] + durations[len(durations) // 2][0]) / 2
+        facts.update(median=middle, fastest=durations[0][0], fastest_task=durations[0][1],
+                     slowest=durations[-1][0], slowest_task=durations[-1][1],
+                     total=sum(duration for duration, _ in durations))
+    if first:
+        facts.update(first_task=first["task"], first_label=first.get("label"), first_line=first.get("cause_line"))
+    return facts, first
+
+
+def task_list(summaries, indexed):
+    if indexed:
+        return format_ranges([s["index"] for s in summaries if s.get("index") is not None])
+    return ", ".join(s["task"] for s in summaries)
+
+
+def never_indices(info, summaries):
+    """Indices of an array that never reported, where its index range is known."""
+    first, last, step = info.get("first"), info.get("last"), info.get("step") or 1
+    if first is None or last is None or not info.get("scheduler"):
+        return []
+    seen = set(s.get("index") for s in summaries)
+    return [index for index in range(first, last + 1, step) if index not in seen][:ARRAY_INDEX_MAX]
+
+
+def unfinished(info, summaries):
+    """(their ranges as text, how many) of the tasks that never reported."""
+    never = never_indices(info, summaries)
+    if never:
+        return format_ranges(never), len(never)
+    count = max(0, (info.get("size") or 0) - len(summaries))
+    return "", count
+
+
+def resubmit_lines(info, indices):
+    """The command to run the failed and unfinished tasks again, from the scheduler's entry."""
+    indices = sorted(set(index for index in indices if index is not None))
+    if not indices:
+        return []
+    target = info.get("script") or info.get("name") or "JOB_SCRIPT"
+    return scheduler_of(info.get("job")).resubmit(indices, target, info.get("job") or {})
+
+
+class Arrays(object):
+    """The monitor's array digests: a task of a job array (or a wrap --group sweep) that ends is
+    counted in its array's ledger and its report held; one digest goes out when every task has
+    ended, when the scheduler says none is left, or after [notify] array_timeout without news.
+    Fail fast: one array_failing push when enough tasks failed. A part of Monitor."""
+
+    def ledger(self, key):
+        return ArrayLedger(hpcrun_home(self.env), key, self.now)
+
+    def holds(self, state, run_id, record, fields):
+        """Count an array task's ending; True when its report waits for the digest."""
+        key = array_key(record)
+        mode = self.config.get("notify", "arrays")
+        if not key or mode == "each" or record.get("test") or \
+                record.get("status") not in STATUSES + ("lost",):
+            return False
+        ledger = self.ledger(key)
+        if ledger.has("digest"):
+            return False  # its digest went out already: a late task is reported on its own
+        summary = task_summary(record, fields, state.work_dir, run_id)
+        new_label = ledger.add(summary, array_info(record, key, state.work_dir))
+        self.check_fail_fast(state, ledger)
+        if record.get("status") == "lost":
+            return False  # lost tasks need action now: reported at once, and counted
+        return not (mode == "failures" and new_label)
+
+    def check_fail_fast(self, state, ledger):
+        """One array_failing push once enough tasks ended and too many of them failed."""
+        share = self.config.get("notify", "array_fail_fast")
+        tally = ledger.tally()
+        reported, failed = tally.get("reported") or 0, (tally.get("failed") or 0) + (tally.get("lost") or 0)
+        if not share or reported < self.config.get("notify", "array_fail_fast_after") or \
+                failed < share * reported or not ledger.claim("failing"):
+            return
+        facts, _ = digest_facts(ledger.info(), ledger.summaries(), tally, False, self.now)
+        record = array_record(ledger, facts, "array_failing", state.work_dir)
+        try:
+            self.queue(state, record, "array %s failing: %d of %d tasks failed" % (ledger.key, failed, reported))
+        except (OSError, HpcrunError):
+            ledger.release_claim("failing")
+            raise
+        ledger.done("failing")
+
+    def check_arrays(self):
+        """Queue the digests of the arrays whose tasks have all ended."""
+        home = hpcrun_home(self.env)
+        for key in list_dir(os.path.join(home, "arrays")):
+            ledger = self.ledger(key)
+            if not valid_run_id(key) or ledger.has("digest") or not ledger.has("info.json"):
+                continue
+            try:
+                reason = self.digest_due(ledger)
+                if reason:
+                    self.send_digest(ledger, reason == "timeout")
+            except (OSError, HpcrunError) as error:
+                self.log("error: array %s: %s" % (key, error))
+
+    def digest_due(self, ledger):
+        """Why an array's digest is due ("all", "scheduler", "timeout"), or None."""
+        info, tally = ledger.info(), ledger.tally()
+        reported = tally.get("reported") or 0
+        if info.get("size") and reported >= info["size"]:
+            return "all"
+        if self.now() - (tally.get("last_report") or self.now()) > self.config.get("notify", "array_timeout"):
+            return "timeout"
+        job = info.get("job") or {}
+        if job and re.match(JOB_ID_RE, str(job.get("array_id"))) and \
+                self.now() - (tally.get("checked") or 0) >= ARRAY_CHECK_INTERVAL:
+            with ledger.locked():
+                write_json_atomic(ledger.path("tally.json"), dict(ledger.tally(), checked=self.now()))
+            active = scheduler_of(job).array_active(job, self.runner)
+            if active is False:
+                return "scheduler"
+        return None
+
+    def send_digest(self, ledger, timed_out):
+        if not ledger.claim("digest"):
+            return
+        try:
+            facts, first = digest_facts(ledger.info(), ledger.summaries(), ledger.tally(), timed_out, self.now)
+            work_dir = (first or {}).get("work_dir") or ledger.info().get("work_dir")
+            record = array_record(ledger, facts, "array_done", work_dir, first)
+            with StateDir(work_dir) as state:
+                self.queue(state, record, "array %s done: %d of %s tasks ok" % (
+                    ledger.key, facts["ok"], facts.get("size") or facts["reported"]))
+        except (OSError, HpcrunError):
+            ledger.release_claim("digest")
+            raise
+        ledger.done("digest")
+
+    def queue(self, state, record, message):
+        """Write an array report into done/ (durable before its marker); it is delivered at the
+        end of this pass (or archived unsent, as [notify] says, its tasks released then)."""
+        self.log(message)
+        state.write_json("done", record["run_id"] + ".json", record)
+        self.queued.append((state.work_dir, record["run_id"]))
+
+    def release_tasks(self, record):
+        """Once the digest is accepted, the task records held for it go to sent/."""
+        key = (record.get("array") or {}).get("key")
+        if record.get("status") != "array_done" or not key or not valid_run_id(key):
+            return
+        ledger = self.ledger(key)
+        by_dir = collections.defaultdict(list)
+        for summary in ledger.summaries():
+            if summary.get("held") and valid_run_id(summary["held"]):
+                by_dir[summary.get("work_dir")].append(summary["held"])
+        for work_dir, run_ids in by_dir.items():
+            try:
+                with StateDir(work_dir) as state:
+                    for run_id in run_ids:
+                        state.rename("held", run_id + ".json", "sent", run_id + ".json")
+            except (OSError, HpcrunError) as error:
+                self.log("error: array %s: cannot release its tasks in '%s': %s" % (key, work_dir, error))
+        import shutil
+        shutil.rmtree(ledger.path("tasks"), ignore_errors=True)
+
+    def hold(self, state, run_id, claimed, record):
+        """Keep a task's record in held/ until its array's digest is accepted."""
+        state.rename("claimed", claimed, "held", run_id + ".json")
+        key = array_key(record)
+        ledger = self.ledger(key)
+        name = re.sub(r"[^A-Za-z0-9_.~-]", "_", task_summary(record, {}, state.work_dir, run_id)["task"])[:120]
+        with ledger.locked():
+            summary = ledger.read("tasks", name + ".json")
+            if summary:
+                write_json_atomic(ledger.path("tasks", name + ".json"), dict(summary, held=run_id))
+        self.log("held for the digest of array %s: %s" % (key, describe_run(record)))
+
+
+def array_record(ledger, facts, status, work_dir, first=None):
+    """A digest or fail-fast report as a record of its own; its log is the first failure's."""
+    record = {"schema": SCHEMA_VERSION, "hpcrun_version": __version__, "status": status, "final": True,
+              "run_id": "%s~%s" % (ledger.key, status), "name": facts.get("name") or facts.get("id"),
+              "work_dir": work_dir, "array": facts, "timestamp": format_local_time(time.time())}
+    if first:
+        record.update(log_file=first.get("log_file"), author_uid=first.get("author_uid"))
+    return record
+
+
+class Monitor(Delivery, Watcher, Arrays):
     """Finds completion records in the work dirs and delivers each to every channel once.
 
     Anything under a work dir's .hpcrun/ may have been written by someone else in the group:
@@ -4679,8 +5358,10 @@ class Monitor(Delivery, Watcher):
     only as open_named_file allows."""
 
     def __init__(self, config, channels, log, now=time.time, clock=time.monotonic,
-                 scheduler=query_scheduler, stop=None, once=False):
+                 scheduler=query_scheduler, stop=None, once=False, env=None, runner=subprocess.run):
         self.config = config
+        self.env = os.environ if env is None else env  # HPCRUN_HOME: the array ledgers
+        self.runner = runner          # runs the scheduler's commands
         self.channels = channels
         self.log = log
         self.now = now
@@ -4696,12 +5377,14 @@ class Monitor(Delivery, Watcher):
         self.noted = set()           # problems of running records, logged once per monitor
         self.timed_out = set()       # channels that timed out in this pass: not tried again in it
         self.bad_names = {}          # stand-in run id -> the record's file name
+        self.queued = []             # (work dir, run id) of array reports written in this pass
         self.events = parse_events(config)
 
     def poll(self, work_dirs):
         """One pass over every work dir: (delivered, failed, pending) counts."""
         totals = [0, 0, 0]
         self.timed_out = set()
+        self.queued = []
         for work_dir in work_dirs:
             try:
                 counts = self.poll_dir(work_dir)
@@ -4716,6 +5399,9 @@ class Monitor(Delivery, Watcher):
             if self.dir_errors.pop(work_dir, None):
                 self.log("%s: readable again" % work_dir)
             totals = [a + b for a, b in zip(totals, counts)]
+        self.check_arrays()
+        for work_dir, run_id in self.queued:   # array reports written in this pass go out now
+            totals = [a + b for a, b in zip(totals, self.deliver_one(work_dir, run_id))]
         return tuple(totals)
 
     def poll_dir(self, work_dir):
@@ -4765,6 +5451,9 @@ class Monitor(Delivery, Watcher):
             return True  # a selftest asked for this push
         if EVENT_OF_STATUS.get(status, "end") not in self.events:
             return False
+        if status == "array_done" and self.config.get("notify", "only_failures"):
+            array = record.get("array") or {}
+            return any(array.get(count) for count in ("failed", "lost", "never_started"))
         if status not in STATUSES:
             return True
         if status not in FAILURE_STATUSES and self.config.get("notify", "only_failures"):
@@ -4884,7 +5573,7 @@ def collect_runs(work_dir, roots=None, now=None):
     runs = []
     with StateDir(work_dir) as state:
         for sub, label in (("running", "running"), ("done", "finished, waiting to be reported"),
-                           ("claimed", "being delivered")):
+                           ("claimed", "being delivered"), ("held", "finished, held for its array's digest")):
             for filename in state.names(sub):
                 if filename.startswith(".") or not (filename.endswith(".json") or sub == "claimed"):
                     continue
@@ -4938,7 +5627,7 @@ def status_entry(state, sub, label, run_id, record, delivery, roots, now):
             "time_left": job["end_time"] - now if sub == "running" and job.get("end_time") else None,
             "heartbeat_age": now - record["written_at"] if sub == "running" and record.get("written_at") else None,
             "delivery_failures": delivery.get("failures", 0), "delivery_error": delivery.get("last_error"),
-            "progress": record.get("progress"), "metric": metric_line(record)}
+            "progress": record.get("progress"), "metric": metric_line(record), "array": array_key(record)}
 
 
 def metric_line(record, lines=()):
@@ -5006,7 +5695,8 @@ def config_for(args, overrides=None):
 
 
 def wrap_overrides(args):
-    return {"wrap": {"log_dir": args.log_dir}} if args.log_dir else {}
+    flags = {"log_dir": args.log_dir, "group": args.group, "group_size": args.group_size}
+    return {"wrap": {key: value for key, value in flags.items() if value is not None}}
 
 
 def wrap_config(args):
@@ -5121,6 +5811,8 @@ def cmd_status(args):
             print_warning("cannot read '%s': %s" % (work_dir, error.strerror or error))
         except HpcrunError as error:
             print_warning(str(error))
+    if not args.all:
+        runs = group_arrays(runs)
     if args.json:
         emit(json.dumps(runs, ensure_ascii=False, indent=1, sort_keys=True))
     elif not runs:
@@ -5128,6 +5820,27 @@ def cmd_status(args):
     for run in runs if not args.json else ():
         emit(format_status_line(run))
     return 0
+
+
+def group_arrays(runs):
+    """The runs with the tasks of each array folded into one line with its counts."""
+    folded, arrays = [], collections.OrderedDict()
+    for run in runs:
+        if run.get("array"):
+            arrays.setdefault(run["array"], []).append(run)
+        else:
+            folded.append(run)
+    for key, tasks in arrays.items():
+        counts = collections.Counter(task["state"] for task in tasks)
+        failed = len([task for task in tasks if task.get("status") in FAILURE_STATUSES])
+        state = ", ".join("%d %s" % (count, state) for state, count in sorted(counts.items()))
+        folded.append({"kind": "array", "array": key, "work_dir": tasks[0]["work_dir"],
+                       "name": "%s (array, %d tasks here)" % (key, len(tasks)), "tasks": len(tasks),
+                       "failed": failed, "counts": dict(counts), "state": state,
+                       "status": "%d failed" % failed if failed else None,
+                       "start_time": min([t["start_time"] for t in tasks if t.get("start_time")] or [None]),
+                       "elapsed": None, "last_line": ""})
+    return folded
 
 
 def status_config(args):
@@ -5302,6 +6015,11 @@ def build_parser():
         sub.add_argument("--name", help="run name shown in reports")
         sub.add_argument("--forward-signal", action="append", metavar="SIG",
                          help="also forward this warning signal (USR1, USR2) to the training")
+        sub.add_argument("--group", metavar="NAME",
+                         help="a sweep that is not a job array: its runs are reported as one digest "
+                              "(also [wrap] group, HPCRUN_GROUP)")
+        sub.add_argument("--group-size", type=int, metavar="N",
+                         help="how many runs the group has: its digest comes when all N ended")
         sub.add_argument("--then", metavar="CMD",
                          help="run CMD once the completion record is on disk (e.g. 'scancel $SLURM_JOB_ID')")
         sub.set_defaults(selftest=False)
@@ -5317,7 +6035,8 @@ def build_parser():
     sub = add("status", "list runs and their state", cmd_status)
     sub.add_argument("--work-dir", action="append", metavar="DIR",
                      help="work dir (repeatable; default: every registered dir)")
-    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--json", action="store_true", help="the same as JSON, one object per run")
+    sub.add_argument("--all", action="store_true", help="every task of a job array on its own line")
     sub.add_argument("--monitors", action="store_true",
                      help="list the monitors on every login node instead (exit 3 if none)")
     sub = add("selftest", "check the whole path on this machine: record, monitor, push", cmd_selftest)
@@ -5347,9 +6066,27 @@ def parse_args(argv):
     return args
 
 
+def run_as_module(argv):
+    """wrap and run stay on the node as long as the training: run them from this file imported
+    as a module, not as the main script, whose syntax tree CPython keeps until the script ends
+    (14 MB for the whole run). The import compiles the file into __pycache__ once; later starts
+    load that. Same process (exec), same pid, same arguments; best effort."""
+    path = os.path.abspath(__file__)
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('hpcrun', %r); "
+            "module = importlib.util.module_from_spec(spec); sys.modules['hpcrun'] = module; "
+            "spec.loader.exec_module(module); sys.exit(module.main(sys.argv[1:]))" % path)
+    try:
+        os.execv(sys.executable, [sys.executable, "-c", code] + list(argv))
+    except OSError:
+        pass  # no interpreter to exec: go on as the main script
+
+
 def main(argv=None):
     reserve_std_fds()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if __name__ == "__main__" and argv[:1] in (["wrap"], ["run"]) and sys.executable:
+        run_as_module(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except HpcrunError as error:
