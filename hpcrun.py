@@ -166,7 +166,6 @@ TAIL_BLOCK = 1 << 16
 TAIL_MAX_BYTES = 1 << 20
 CLASSIFY_LINES = 2000        # log lines looked at for the cause, from a tail of at most 1 MiB
 ARRAY_TAIL_LINES = 20        # log lines of an array's first failure in its digest
-ARRAY_CHECK_INTERVAL = 60.0  # seconds between two questions to the scheduler about one array
 ARRAY_CLAIM_TIMEOUT = 600.0  # a digest claimed by a monitor that died is taken over after this
 ARRAY_INDEX_MAX = 100000     # indices listed of an array's tasks that never reported
 LOCK_STALE = 60.0            # seconds after which a monitors' lock is taken as left by a dead one
@@ -5083,7 +5082,7 @@ class ArrayLedger(object):
 
 
 TALLY_FIELDS = {"reported": "int", "ok": "int", "failed": "int", "lost": "int", "first_report": "number",
-                "last_report": "number", "checked": "number", "labels": "texts"}
+                "last_report": "number", "labels": "texts"}
 
 
 def task_outcome(summary):
@@ -5276,12 +5275,8 @@ class Arrays(object):
             return "timeout"
         job = info.get("job") or {}
         if job and re.match(JOB_ID_RE, str(job.get("array_id"))) and \
-                self.now() - (tally.get("checked") or 0) >= ARRAY_CHECK_INTERVAL:
-            with ledger.locked():
-                write_json_atomic(ledger.path("tally.json"), dict(ledger.tally(), checked=self.now()))
-            active = scheduler_of(job).array_active(job, self.runner)
-            if active is False:
-                return "scheduler"
+                scheduler_of(job).array_active(job, self.runner) is False:
+            return "scheduler"   # asked once a poll per open array: one short squeue
         return None
 
     def send_digest(self, ledger, timed_out):

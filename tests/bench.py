@@ -314,6 +314,61 @@ class Bench(object):
                  "%.0fus" % (per_run[-2] * 1e6), "%.2f" % growth, "<= 1.5 (linear)", growth <= 1.5)
         self.syscalls_per_run()
 
+    def array_cost(self):
+        """A poll where 10 tasks of an array end: its cost must grow with the tasks that ended,
+        not with the array (100 000 tasks counted already against 100). Rounds alternate."""
+        sizes = (100, 10000) if self.quick else (100, 100000)
+        arrays = [self.make_array(size) for size in sizes]
+        script = (("import sys, time; sys.path.insert(0, %r); import hpcrun\n"
+                   "config = hpcrun.load_config(%r, env={})\n"
+                   "monitor = hpcrun.Monitor(config, [], lambda line: None, env={'HPCRUN_HOME': sys.argv[1]})\n"
+                   "started = time.perf_counter()\n"
+                   "monitor.poll([sys.argv[2]])\n"
+                   "print(time.perf_counter() - started)")
+                  % (os.path.dirname(HPCRUN), os.devnull))
+        times = [[], []]
+        for round_number in range(ARRAY_ROUNDS):
+            for which, (home, work, counted) in enumerate(arrays):
+                self.end_array_tasks(work, counted + 10 * round_number, counted)
+                times[which].append(float(subprocess.check_output([PYTHON, "-c", script, home, work],
+                                                                  env=self.env)))
+        small, large = (statistics.median(series) for series in times)
+        ratio = large / small
+        self.row("6e poll, 10 array tasks ending, %d counted" % sizes[1], "%.1fms" % (large * 1000),
+                 "%.1fms with %d counted" % (small * 1000, sizes[0]), "%.2f" % ratio, "<= 1.5", ratio <= 1.5)
+
+    def make_array(self, counted):
+        """An array of counted tasks in its ledger already (as the monitor leaves them), and room
+        for ARRAY_ROUNDS x 10 more, so that the poll never completes it (a digest reads every
+        task, once)."""
+        home = self.work_dir("array-home-%d" % counted)
+        work = self.work_dir("array-work-%d" % counted)
+        hpcrun.make_state_dirs(work)
+        tasks = os.path.join(home, "arrays", "slurm-4242", "tasks")
+        os.makedirs(tasks)
+        size = counted + 10 * ARRAY_ROUNDS + 10
+        for index in range(counted):
+            with open(os.path.join(tasks, "%d.json" % index), "w") as out:
+                json.dump({"task": str(index), "index": index, "status": "success", "failed": False,
+                           "duration": 60.0, "end_time": time.time(), "run_id": "t%d" % index}, out)
+        with open(os.path.join(home, "arrays", "slurm-4242", "info.json"), "w") as out:
+            json.dump({"key": "slurm-4242", "scheduler": "slurm", "id": "4242", "name": "bench", "size": size,
+                       "first": 0, "last": size - 1, "job": array_job(size), "work_dir": work}, out)
+        with open(os.path.join(home, "arrays", "slurm-4242", "tally.json"), "w") as out:
+            json.dump({"reported": counted, "ok": counted, "failed": 0, "lost": 0, "labels": []}, out)
+        return home, work, counted
+
+    def end_array_tasks(self, work, first, counted):
+        """Ten task records in done/, as ten wrappers leave them."""
+        now = time.time()
+        for index in range(first, first + 10):
+            record = {"run_id": "task-%d" % index, "name": "bench", "status": "success", "exit_code": 0,
+                      "final": True, "start_time": now - 60, "end_time": now, "duration": 60.0,
+                      "job": dict(array_job(counted + 10 * ARRAY_ROUNDS + 10), id=str(5000 + index),
+                                  array_index=index)}
+            with open(os.path.join(work, ".hpcrun", "done", "task-%d.json" % index), "w") as out:
+                json.dump(record, out)
+
     def make_running(self, total):
         base = self.work_dir("poll-%d" % total)
         dir_count = min(100, total)
@@ -465,6 +520,14 @@ def remove_logs(path):
         os.unlink(path)
 
 
+ARRAY_ROUNDS = 5
+
+
+def array_job(size):
+    return {"scheduler": "slurm", "id": "4243", "array_id": "4242", "array_count": size, "array_first": 0,
+            "array_last": size - 1}
+
+
 def megabytes(size):
     """Memory in MB (10^6 bytes, as the targets are given) with MiB beside it."""
     return "%.1f MB (%.1f MiB)" % (size / 1e6, size / 2.0 ** 20)
@@ -567,7 +630,8 @@ def main():
     started, load, script = time.monotonic(), OtherLoad(), file_digest(HPCRUN)
     try:
         for step in (bench.relay_throughput, bench.line_heavy, bench.progress_bar, bench.idle_cost,
-                     bench.report_cost, bench.poll_cost, bench.startup, bench.memory, bench.latency):
+                     bench.report_cost, bench.poll_cost, bench.array_cost, bench.startup, bench.memory,
+                     bench.latency):
             print("%s ..." % step.__name__.replace("_", " "))
             sys.stdout.flush()
             step()
