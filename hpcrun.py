@@ -70,6 +70,8 @@ STATUS_TABLE = (
     ("release_reminder",  "event", "release_reminder",   None,                 False, ()),
     ("array_done",        "event", "array_done",         None,                 False, ()),
     ("array_failing",     "event", "array_failing",      None,                 True,  ()),
+    ("gpu_idle",          "event", "gpu_idle",           "gpu_idle",           True,  ()),
+    ("gpu_unused",        "event", "gpu_unused",         "gpu_unused",         True,  ()),
 )
 STATUSES = tuple(row[0] for row in STATUS_TABLE if row[1] == "end")
 EVENT_STATUSES = tuple(row[0] for row in STATUS_TABLE if row[1] == "event")
@@ -92,7 +94,8 @@ DEFAULTS = {
         "channels": "",
         "language": "zh",
         "keys_file": "api_keys.ini",
-        "events": "end, lost, stalled, time_limit_warning, release_reminder, array_done, array_failing",
+        "events": "end, lost, stalled, time_limit_warning, release_reminder, array_done, array_failing, "
+                  "gpu_idle, gpu_unused",
         "only_failures": False,
         "min_duration": 0.0,
         "skip_short_failures": False,
@@ -127,6 +130,18 @@ DEFAULTS = {
         "grace": 0.0,
         "group": "",
         "group_size": 0,
+    },
+    "gpu": {
+        "enabled": "auto",
+        "sample_interval": 30,
+        "idle_threshold": 5.0,
+        "idle_after": 1800.0,
+        "unused_after": 1200.0,
+    },
+    "cost": {
+        "gpu_hour": 0.0,
+        "cpu_hour": 0.0,
+        "currency": "¥",
     },
 }
 SECRET_KEYS = ("api_key", "key", "token", "access_token", "device_key", "secret", "password")
@@ -168,6 +183,10 @@ CLASSIFY_LINES = 2000        # log lines looked at for the cause, from a tail of
 ARRAY_TAIL_LINES = 20        # log lines of an array's first failure in its digest
 ARRAY_CLAIM_TIMEOUT = 600.0  # a digest claimed by a monitor that died is taken over after this
 ARRAY_INDEX_MAX = 100000     # indices listed of an array's tasks that never reported
+GPU_START_SLACK = 10.0       # seconds nvidia-smi may take to print its first row (driver start-up)
+GPU_SPREAD = 10.0            # a GPU this many points below the mean is named in the card
+GPU_UNUSED_UTIL = 5.0        # a GPU that never went above this % was not used at all
+IDLE_POWER_SHARE = 0.35      # power below this share of its limit is a GPU at rest, whatever util says
 LOCK_STALE = 60.0            # seconds after which a monitors' lock is taken as left by a dead one
 LOCK_WAIT = 10.0
 LINE_MAX_CHARS = 500
@@ -257,9 +276,28 @@ MESSAGES = {
         "array_resubmit": "重新提交：{line}",
         "array_cancel": "取消整个数组：{cancel}",
         "array_durations": "时长：中位数 {median} · 最快 {fastest}（任务 {fastest_task}） · 最慢 {slowest}（任务 {slowest_task}） · 合计 {total}",
+        "array_cost": "费用：{cost}",
         "array_first": "首个失败：任务 {task} · {label}",
         "array_tail": "--- 任务 {task}，日志最后 {n} 行 ---",
         "label_lost": "失联",
+        "title_gpu_idle": "💤 GPU 空闲 {name} · {idle} 没有工作",
+        "title_gpu_unused": "🪫 GPU 没用上 {name} · {gpus_total} 块中 {gpus_idle} 块空闲",
+        "status_gpu_idle": "作业的 {gpus_total} 块 GPU 利用率都不超过 {threshold}%，已持续 {idle}（数据加载卡死？进程挂起？）",
+        "status_gpu_unused": "{gpus_total} 块 GPU 中有 {gpus_idle} 块没在用，已持续 {idle}：启动时用上所有设备了吗？",
+        "field_gpu_state": "GPU 现状",
+        "field_last_output": "最后输出",
+        "field_cancel": "取消作业",
+        "field_cost": "费用",
+        "ago": "{line}（{age} 前）",
+        "nccl_hang": "所有 GPU 利用率 ≥90% 但功耗接近空闲，日志也没有输出：很可能是 NCCL 通信卡死",
+        "gpu_hours": "{hours} GPU 卡时",
+        "cpu_hours": "{hours} 核时",
+        "gpu_util": "利用率平均 {util}%",
+        "gpu_util_min": "（最低 GPU {index}：{util}%）",
+        "gpu_memory": "显存峰值 {used}/{total} GiB",
+        "gpu_power": "功耗平均 {power}/{limit} W",
+        "gpu_unused_flag": "未使用：GPU {list}",
+        "gpu_all_unused": "GPU 全程未使用",
         "test_prefix": "[测试] ",
         "status_start": "开始运行",
         "status_time_limit_warning": "作业时间上限还剩 {remaining}：保存检查点或延长作业",
@@ -391,9 +429,28 @@ MESSAGES = {
         "array_resubmit": "Resubmit: {line}",
         "array_cancel": "Cancel the array: {cancel}",
         "array_durations": "Durations: median {median} · fastest {fastest} (task {fastest_task}) · slowest {slowest} (task {slowest_task}) · total {total}",
+        "array_cost": "Cost: {cost}",
         "array_first": "First failure: task {task} · {label}",
         "array_tail": "--- task {task}, last {n} log lines ---",
         "label_lost": "lost",
+        "title_gpu_idle": "💤 GPUs idle {name} · {idle} without work",
+        "title_gpu_unused": "🪫 GPUs unused {name} · {gpus_idle} of {gpus_total} idle",
+        "status_gpu_idle": "all {gpus_total} GPUs of the job at or below {threshold}% for {idle} (a stuck data loader? a hung process?)",
+        "status_gpu_unused": "{gpus_idle} of {gpus_total} GPUs unused for {idle}: is the launch using all devices?",
+        "field_gpu_state": "GPUs now",
+        "field_last_output": "Last output",
+        "field_cancel": "Cancel the job",
+        "field_cost": "Cost",
+        "ago": "{line} ({age} ago)",
+        "nccl_hang": "every GPU at >= 90% utilisation but near idle power, and a silent log: probable NCCL hang",
+        "gpu_hours": "{hours} GPU-h",
+        "cpu_hours": "{hours} core-h",
+        "gpu_util": "util {util} % avg",
+        "gpu_util_min": " (min GPU {index}: {util} %)",
+        "gpu_memory": "memory max {used}/{total} GiB",
+        "gpu_power": "power {power}/{limit} W avg",
+        "gpu_unused_flag": "unused: GPU {list}",
+        "gpu_all_unused": "no GPU was used",
         "test_prefix": "[test] ",
         "status_start": "started",
         "status_time_limit_warning": "{remaining} left before the job's time limit: save a checkpoint or extend the job",
@@ -1148,6 +1205,12 @@ def check_config(config):
     if config.get("notify", "arrays") not in ARRAY_MODES:
         raise ConfigError("%s: [notify] arrays: '%s' is not one of %s" % (
             config.where("notify", "arrays"), config.get("notify", "arrays"), ", ".join(ARRAY_MODES)))
+    if config.get("gpu", "enabled") not in ("auto", "no"):
+        raise ConfigError("%s: [gpu] enabled: '%s' is not auto or no" % (config.where("gpu", "enabled"),
+                                                                         config.get("gpu", "enabled")))
+    if config.get("gpu", "sample_interval") < 1:
+        raise ConfigError("%s: [gpu] sample_interval: %s is not a whole number of seconds >= 1"
+                          % (config.where("gpu", "sample_interval"), config.get("gpu", "sample_interval")))
     if config.get("notify", "array_fail_fast") > 1:
         raise ConfigError("%s: [notify] array_fail_fast: %g is not a share from 0 to 1" % (
             config.where("notify", "array_fail_fast"), config.get("notify", "array_fail_fast")))
@@ -1456,7 +1519,13 @@ ARRAY_FIELDS = {
     "timed_out": "bool",
     "median": "number", "fastest": "number", "fastest_task": "text", "slowest": "number",
     "slowest_task": "text", "total": "number", "first_task": "text", "first_label": "text",
-    "first_line": "text",
+    "first_line": "text", "gpu_hours": "number", "cpu_hours": "number",
+}
+GPU_FIELDS = {
+    "index": "int", "uuid": "text", "name": "text", "samples": "int", "util_mean": "number", "util_max": "number",
+    "util_last": "number", "mem_max": "number", "mem_total": "number", "power_mean": "number",
+    "power_last": "number", "power_limit": "number", "idle_for": "number", "idle_since": "number",
+    "busy_for": "number",
 }
 JOB_FIELDS = {
     "scheduler": "text", "id": "id", "name": "text", "array_id": "id", "array_index": "index",
@@ -1477,7 +1546,9 @@ RECORD_FIELDS = {
     "since": "number", "last_heartbeat": "number", "peak_rss": "number", "wrapper_cpu": "number",
     "wrapper_cpu_while_running": "number", "final": "bool", "test": "bool", "legacy": "bool",
     "warnings": "texts", "job": JOB_FIELDS, "metric": {"name": "text", "values": "values"},
-    "gpus": {"visible": "text", "names": "texts"},
+    "gpus": {"visible": "text", "names": "texts"}, "gpu_stats": {"interval": "index", "gpus": ("list", GPU_FIELDS)},
+    "output_at": "number", "gpu_hours": "number", "cpu_hours": "number", "idle_for": "number",
+    "gpus_idle": "int", "gpus_total": "int", "idle_threshold": "number",
     "group": {"name": "text", "size": "index"}, "array": ARRAY_FIELDS,
 }
 REMINDER_FIELDS = dict(RECORD_FIELDS, ended="number", next_check="number", sent="int",
@@ -1498,6 +1569,11 @@ def check_fields(data, fields, where):
             if not isinstance(value, dict):
                 raise HpcrunError("%s: field '%s' has the wrong type" % (where, key))
             checked[key] = check_fields(value, kind, "%s: field '%s'" % (where, key))
+            continue
+        if isinstance(kind, tuple):   # ("list", fields): a short list of tables
+            if not (isinstance(value, list) and len(value) <= 64 and all(isinstance(item, dict) for item in value)):
+                raise HpcrunError("%s: field '%s' has the wrong type" % (where, key))
+            checked[key] = [check_fields(item, kind[1], "%s: field '%s'" % (where, key)) for item in value]
             continue
         checked[key] = check_value(value, kind)
         if checked[key] is None:
@@ -1958,6 +2034,14 @@ def array_facts(array_id, index, first=None, last=None, step=None, count=None):
             "array_last": last, "array_step": step, "array_count": count}
 
 
+def slurm_cpus(text):
+    """The job's CPUs on all its nodes from SLURM_JOB_CPUS_PER_NODE (72(x2),36 is 180)."""
+    total = 0
+    for count, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", text or ""):
+        total += int(count) * int(times or 1)
+    return total or None
+
+
 class Slurm(Scheduler):
     name = "slurm"
     launch_check = True
@@ -1984,8 +2068,9 @@ class Slurm(Scheduler):
         job = {"scheduler": self.name, "id": env["SLURM_JOB_ID"], "name": env.get("SLURM_JOB_NAME"),
                "partition": env.get("SLURM_JOB_PARTITION"), "nodes": env.get("SLURM_JOB_NODELIST"),
                "restart_count": env.get("SLURM_RESTART_COUNT"),
-               "cpus": int_or_none(env.get("SLURM_CPUS_ON_NODE")),
-               "gpus": len(parse_list(env.get("SLURM_JOB_GPUS"))) or int_or_none(env.get("SLURM_GPUS_ON_NODE")),
+               "cpus": slurm_cpus(env.get("SLURM_JOB_CPUS_PER_NODE")) or int_or_none(env.get("SLURM_CPUS_ON_NODE")),
+               "gpus": (len(parse_list(env.get("SLURM_JOB_GPUS"))) or int_or_none(env.get("SLURM_GPUS_ON_NODE")) or 0)
+               * (int_or_none(env.get("SLURM_JOB_NUM_NODES")) or 1) or None,
                "end_time": parse_epoch_text(env.get("SLURM_JOB_END_TIME"))}
         job.update(array_facts(env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID"),
                                env.get("SLURM_ARRAY_TASK_MIN"), env.get("SLURM_ARRAY_TASK_MAX"),
@@ -2462,6 +2547,7 @@ class Relay(threading.Thread):
         self.sampler = sampler
         self.bytes = 0
         self.recent = b""           # the last RECENT_BYTES of output, for the heartbeat's last line
+        self.output_at = None       # wall time of the last output (how long a hung training is silent)
         self.log_error = None
 
     def run(self):
@@ -2478,6 +2564,7 @@ class Relay(threading.Thread):
                 break
             chunk = view[:size]
             self.bytes += size
+            self.output_at = time.time()
             self.recent = (self.recent + chunk[-RECENT_BYTES:])[-RECENT_BYTES:]
             self.write_out(chunk)
             self.write_log(chunk)
@@ -2638,7 +2725,10 @@ class Wrapper(object):
         self.forward = set(signal_number(name) for name in (args.forward_signal or []))
         self.sampler = MetricSampler(config.get("report", "metric"))
         self.peak_rss = 0
-        self.gpus = gpu_facts(env)
+        self.gpu_tokens = job_gpu_tokens(env)
+        self.gpu_sampler = GpuSampler(self.gpu_tokens, config.get("gpu", "sample_interval"),
+                                      config.get("gpu", "idle_threshold"), self.warn_once) \
+            if self.gpu_tokens and config.get("gpu", "enabled") != "no" else None
         self.warned = set()          # warnings printed once, not once per heartbeat
         self.oom_before = None       # the cgroup's OOM kill count when the training started
         self.subreaper = False       # orphans of the training become our children (Linux)
@@ -2688,6 +2778,8 @@ class Wrapper(object):
         self.relay = Relay(self.child.stdout.fileno(), self.log_fd, stdout_fd(), self.sampler)
         self.relay.start()
         threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
+        if self.gpu_sampler and not self.gpu_sampler.start():
+            self.gpu_sampler = None   # no nvidia-smi here
         release_memory()
         return None
 
@@ -2703,7 +2795,11 @@ class Wrapper(object):
 
     def observations(self):
         """What the wrapper learnt of the training: progress, metric sample, memory, GPUs."""
-        return {"progress": self.sampler.progress, "peak_rss": self.peak_rss or None, "gpus": self.gpus,
+        gpu_stats = self.gpu_sampler.summary() if self.gpu_sampler else None
+        gpus = {"visible": ",".join(self.gpu_tokens),
+                "names": [gpu["name"] for gpu in (gpu_stats or {}).get("gpus", [])]} if self.gpu_tokens else None
+        return {"progress": self.sampler.progress, "peak_rss": self.peak_rss or None, "gpus": gpus,
+                "gpu_stats": gpu_stats, "output_at": self.relay.output_at if self.relay else None,
                 "metric": {"name": self.sampler.name, "values": list(self.sampler.values)}
                 if self.sampler.values else None}
 
@@ -2864,6 +2960,8 @@ class Wrapper(object):
 
     def finish(self, returncode):
         self.stopped.set()
+        if self.gpu_sampler:
+            self.gpu_sampler.stop()
         self.final_look()
         with self.lock:
             record = self.completion_record(returncode, final=True)
@@ -3071,16 +3169,6 @@ def children_max_rss():
         return 0
 
 
-def gpu_facts(env, runner=subprocess.run):
-    """GPUs given to the job, and their names from nvidia-smi (asked once, with a timeout)."""
-    visible = env.get("CUDA_VISIBLE_DEVICES") or env.get("SLURM_JOB_GPUS") or env.get("SLURM_STEP_GPUS")
-    names = run_quietly(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], runner)
-    names = [line.strip() for line in (names or "").splitlines() if line.strip()]
-    if not visible and not names:
-        return None
-    return {"visible": visible, "names": names}
-
-
 def process_running(pid):
     """False once pid has exited (zombie included)."""
     try:
@@ -3187,6 +3275,297 @@ def run_then(command, wrapper, record):
     except OSError as error:
         print_warning("cannot record the --then status: %s" % (error.strerror or error))
     return exit_code
+
+
+# --- GPUs: one nvidia-smi for the whole run, what the job's GPUs did ---
+
+GPU_QUERY = "timestamp,index,uuid,name,utilization.gpu,memory.used,memory.total,power.draw,power.limit"
+GPU_TIME_RE = r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d(?:\.\d+)?$"
+
+
+def parse_gpu_row(line):
+    """A row of `nvidia-smi --query-gpu=GPU_QUERY --format=csv,noheader,nounits`, as a dict,
+    or None for anything else (-l prints Xid and ECC events between rows). [N/A], [Not
+    Supported], [Unknown Error] are unknown (None), never zero."""
+    fields = [field.strip() for field in line.strip().split(", ")]
+    if len(fields) > 9:   # a GPU name with ", " in it: the name is whatever lies between
+        fields = fields[:3] + [", ".join(fields[3:len(fields) - 5])] + fields[len(fields) - 5:]
+    if len(fields) != 9 or not re.match(GPU_TIME_RE, fields[0]) or not fields[1].isdigit():
+        return None
+    try:
+        when = time.mktime(time.strptime(fields[0].split(".")[0], "%Y/%m/%d %H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+    when += float("0." + fields[0].split(".")[1]) if "." in fields[0] else 0.0
+    numbers = [gpu_number(field) for field in fields[4:]]
+    return {"time": when, "index": int(fields[1]), "uuid": fields[2], "name": fields[3],
+            "util": numbers[0], "mem_used": numbers[1], "mem_total": numbers[2], "power": numbers[3],
+            "power_limit": numbers[4]}
+
+
+def gpu_number(field):
+    try:
+        value = float(field)
+    except ValueError:
+        return None   # [N/A], [Not Supported], [Unknown Error], [GPU is lost]
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def job_gpu_tokens(env):
+    """The GPUs given to the job as CUDA sees them (indices, UUIDs or MIG ids), or None when the
+    job says nothing of its GPUs (a lab server: nvidia-smi would show other people's)."""
+    for name in ("CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL"):
+        if env.get(name) is not None and env.get(name).strip() not in ("", "NoDevFiles"):
+            return parse_list(env[name])
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        if env.get(name):
+            return parse_list(env[name])   # global ids: matched only when nothing else says more
+    return None
+
+
+def pick_gpu_rows(rows, tokens, mig_parents=None):
+    """The rows of the job's GPUs: by UUID (a prefix is enough), by the parent of a MIG id, by
+    index. Integer tokens that do not all exist, or that name 0..n-1 of n visible rows, mean a
+    device cgroup renumbered them: then every visible row is the job's (reference §1.5)."""
+    picked = []
+    for token in tokens:
+        if token.startswith("MIG-"):
+            parent = (mig_parents or {}).get(token) or (token[4:].split("/")[0] if token.startswith("MIG-GPU-")
+                                                         else None)
+            picked += [row for row in rows if parent and row["uuid"] == parent]
+        elif token.startswith("GPU-"):
+            picked += [row for row in rows if row["uuid"].startswith(token)]
+    numbers = [int(token) for token in tokens if token.isdigit()]
+    indices = set(row["index"] for row in rows)
+    if numbers and (not set(numbers) <= indices or sorted(numbers) == list(range(len(rows)))):
+        return list(rows)
+    picked += [row for row in rows if row["index"] in numbers]
+    unique = collections.OrderedDict((row["uuid"] or row["index"], row) for row in picked)
+    return list(unique.values())
+
+
+class GpuStats(object):
+    """What one GPU did over the run, in constant memory: means, maxima, the last sample and
+    the start of its current idle streak (times are nvidia-smi's own timestamps)."""
+
+    def __init__(self, row):
+        self.index, self.uuid, self.name = row["index"], row["uuid"], row["name"]
+        self.samples = 0
+        self.util_sum = self.util_count = self.power_sum = self.power_count = 0.0
+        self.util_max = self.mem_max = None
+        self.mem_total = self.power_limit = self.util_last = self.power_last = None
+        self.idle_since = self.busy_since = None
+        self.last_time = row["time"]
+
+    def add(self, row, idle_threshold):
+        self.samples += 1
+        self.last_time = row["time"]
+        self.mem_total = row["mem_total"] if row["mem_total"] is not None else self.mem_total
+        self.power_limit = row["power_limit"] if row["power_limit"] is not None else self.power_limit
+        if row["mem_used"] is not None:
+            self.mem_max = max(self.mem_max or 0.0, row["mem_used"])
+        self.power_last = row["power"]
+        if row["power"] is not None:
+            self.power_sum += row["power"]
+            self.power_count += 1
+        self.util_last = row["util"]
+        if row["util"] is None:
+            return   # unknown: neither idle nor busy
+        self.util_sum += row["util"]
+        self.util_count += 1
+        self.util_max = max(self.util_max or 0.0, row["util"])
+        if row["util"] <= idle_threshold:
+            self.idle_since = self.idle_since if self.idle_since is not None else row["time"]
+            self.busy_since = None
+        else:
+            self.busy_since = self.busy_since if self.busy_since is not None else row["time"]
+            self.idle_since = None
+
+    def summary(self):
+        mean = lambda total, count: round(total / count, 1) if count else None
+        return {"index": self.index, "uuid": self.uuid, "name": self.name, "samples": self.samples,
+                "util_mean": mean(self.util_sum, self.util_count), "util_max": self.util_max,
+                "util_last": self.util_last, "mem_max": self.mem_max, "mem_total": self.mem_total,
+                "power_mean": mean(self.power_sum, self.power_count), "power_last": self.power_last,
+                "power_limit": self.power_limit,
+                "idle_for": self.last_time - self.idle_since if self.idle_since is not None else None,
+                "idle_since": self.idle_since,
+                "busy_for": self.last_time - self.busy_since if self.busy_since is not None else None}
+
+
+class GpuSampler(object):
+    """One long-lived `nvidia-smi --query-gpu=... -l N` for the whole run (not a fork per
+    sample), read by a thread: each GPU of the job in constant memory. nvidia-smi missing,
+    failing, silent for three intervals or printing nothing usable: one warning, sampling off,
+    the training untouched. It is stopped with the training."""
+
+    def __init__(self, tokens, interval, idle_threshold, warn, popen=subprocess.Popen, clock=time.monotonic):
+        self.tokens = tokens
+        self.interval = max(1, int(interval))
+        self.idle_threshold = idle_threshold
+        self.warn = warn
+        self.popen = popen
+        self.clock = clock
+        self.stats = collections.OrderedDict()   # uuid or index -> GpuStats
+        self.process = None
+        self.lock = threading.Lock()
+        self.heard = None     # our clock at the last usable row
+        self.stopped = threading.Event()
+        self.mig_parents = {}
+        self.visible = None   # rows in one sample, once one was complete
+        self.reader = None
+        self.terminated = False   # stopped by us: its exit is no news
+
+    def start(self):
+        program = find_program("nvidia-smi")
+        if not program:
+            self.warn("GPU sampling off: the job has GPUs (%s) but nvidia-smi is not on PATH" % ",".join(self.tokens))
+            return False
+        if any(token.startswith("MIG-") for token in self.tokens):
+            self.mig_parents = mig_parents(run_quietly([program, "-L"]))
+        try:
+            self.process = self.popen([program, "--query-gpu=" + GPU_QUERY, "--format=csv,noheader,nounits",
+                                       "-l", str(self.interval)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        except OSError as error:
+            self.warn("GPU sampling off: cannot run nvidia-smi: %s" % (error.strerror or error))
+            return False
+        self.heard = self.clock()
+        self.reader = threading.Thread(target=self.read, name="nvidia-smi", daemon=True)
+        self.reader.start()
+        threading.Thread(target=self.watch, name="nvidia-smi-watch", daemon=True).start()
+        return True
+
+    def read(self):
+        """Rows come one per GPU, each with its own millisecond timestamp: a sample is complete
+        when as many rows came as the first sample had, or when an index comes again."""
+        batch = []
+        for raw in iter(self.process.stdout.readline, b""):
+            row = parse_gpu_row(raw.decode("utf-8", errors="replace"))
+            if row is None:
+                continue
+            if any(seen["index"] == row["index"] for seen in batch):
+                self.take(batch)
+                batch = []
+            batch.append(row)
+            if len(batch) == self.visible:
+                self.take(batch)
+                batch = []
+        if batch:
+            self.take(batch)
+        code = self.process.wait()
+        if not self.terminated:
+            self.warn("GPU sampling off: nvidia-smi exited with status %s" % code)
+
+    def take(self, rows):
+        """One sample of every GPU (rows with one timestamp): the job's are counted."""
+        with self.lock:
+            self.visible = max(self.visible or 0, len(rows))
+            for row in pick_gpu_rows(rows, self.tokens, self.mig_parents):
+                key = row["uuid"] or row["index"]
+                if key not in self.stats:
+                    self.stats[key] = GpuStats(row)
+                self.stats[key].add(row, self.idle_threshold)
+            self.heard = self.clock()
+
+    def watch(self):
+        """A nvidia-smi that hangs (no row for three intervals) is stopped: sampling off."""
+        while not self.stopped.wait(self.interval):
+            if self.clock() - self.heard > 3 * self.interval + GPU_START_SLACK and self.process.poll() is None:
+                self.warn("GPU sampling off: nvidia-smi printed no row for %ds" % (3 * self.interval))
+                self.stop()
+                return
+
+    def stop(self):
+        """Stop nvidia-smi (SIGTERM, SIGKILL after 2 s) and read what it printed until then."""
+        self.stopped.set()
+        if self.process and self.process.poll() is None:
+            self.terminated = True
+            self.process.terminate()
+            try:
+                self.process.wait(2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.reader and self.reader is not threading.current_thread():
+            self.reader.join(2)
+            if not self.reader.is_alive():
+                self.process.stdout.close()
+
+    def summary(self):
+        """The bounded summary that goes into the heartbeat and the completion record."""
+        with self.lock:
+            gpus = [stats.summary() for stats in self.stats.values()]
+        return {"interval": self.interval, "gpus": gpus} if gpus else None
+
+
+def mig_parents(text):
+    """{MIG id: parent GPU-uuid} from `nvidia-smi -L` (MIG devices are listed under their GPU)."""
+    parents, parent = {}, None
+    for line in (text or "").splitlines():
+        gpu = re.search(r"^GPU \d+: .*\(UUID: (GPU-[0-9a-fA-F-]+)\)", line)
+        mig = re.search(r"^\s+MIG .*\(UUID: (MIG-[^)]+)\)", line)
+        if gpu:
+            parent = gpu.group(1)
+        elif mig and parent:
+            parents[mig.group(1)] = parent
+    return parents
+
+
+def gpu_verdict(stats, idle_threshold):
+    """("idle", seconds) when every GPU is idle, ("unused", seconds, k, n) when some are busy and
+    k of n idle, None otherwise; seconds: how long that has lasted."""
+    gpus = (stats or {}).get("gpus") or []
+    idle = [gpu for gpu in gpus if gpu.get("idle_for") is not None]
+    if not gpus or not idle:
+        return None
+    if len(idle) == len(gpus):
+        return ("idle", min(gpu["idle_for"] for gpu in idle), len(idle), len(gpus))
+    busy = [gpu for gpu in gpus if gpu.get("busy_for") is not None]
+    if busy:
+        return ("unused", min(gpu["idle_for"] for gpu in idle), len(idle), len(gpus))
+    return None
+
+
+def nccl_hang_suspected(stats):
+    """Every GPU at >= 90 % 'utilisation' with power near idle: a kernel spinning in a hung
+    collective, not work (reference §1.7)."""
+    gpus = (stats or {}).get("gpus") or []
+    return bool(gpus) and all((gpu.get("util_last") or 0) >= 90 and gpu.get("power_last") is not None and
+                              gpu.get("power_limit") and gpu["power_last"] < IDLE_POWER_SHARE * gpu["power_limit"]
+                              for gpu in gpus)
+
+
+def gpu_card(stats, messages):
+    """GPUs: 4× A100-SXM4-80GB · util 87 % avg (min GPU 3: 12 %) · memory max 71/80 GiB · power 310/400 W avg"""
+    gpus = (stats or {}).get("gpus") or []
+    if not gpus:
+        return None
+    names = collections.Counter(gpu.get("name") or "GPU" for gpu in gpus)
+    parts = [", ".join("%d× %s" % (count, name.replace("NVIDIA ", "")) for name, count in names.items())]
+    utils = [gpu for gpu in gpus if gpu.get("util_mean") is not None]
+    if utils:
+        mean = sum(gpu["util_mean"] for gpu in utils) / len(utils)
+        low = min(utils, key=lambda gpu: gpu["util_mean"])
+        text = messages["gpu_util"].format(util=round(mean))
+        if len(utils) > 1 and mean - low["util_mean"] >= GPU_SPREAD:
+            text += messages["gpu_util_min"].format(index=low["index"], util=round(low["util_mean"]))
+        parts.append(text)
+    mems = [gpu for gpu in gpus if gpu.get("mem_max") is not None and gpu.get("mem_total")]
+    if mems:
+        parts.append(messages["gpu_memory"].format(
+            used=round(max(gpu["mem_max"] for gpu in mems) / 1024.0), total=round(max(gpu["mem_total"] for gpu in mems) / 1024.0)))
+    powers = [gpu for gpu in gpus if gpu.get("power_mean") is not None]
+    if powers:
+        limit = [gpu["power_limit"] for gpu in powers if gpu.get("power_limit")]
+        parts.append(messages["gpu_power"].format(power=round(sum(g["power_mean"] for g in powers) / len(powers)),
+                                                  limit=round(max(limit)) if limit else "?"))
+    unused = [gpu for gpu in utils if (gpu.get("util_max") or 0) <= GPU_UNUSED_UTIL]
+    if unused and len(unused) < len(gpus):
+        parts.append(messages["gpu_unused_flag"].format(list=", ".join(str(gpu["index"]) for gpu in unused)))
+    elif unused:
+        parts.append(messages["gpu_all_unused"])
+    return " · ".join(parts)
 
 
 # --- report: title and body from a record ---
@@ -3355,6 +3734,69 @@ def job_summary(job, duration, messages):
     return " · ".join(parts)
 
 
+def report_hours(record, duration):
+    """(GPU hours, core hours) a report speaks of: of the run so far, of the idle GPUs for
+    gpu_idle and gpu_unused, of the allocation since the training ended for a release reminder."""
+    if record.get("status") == "gpu_idle":
+        return billed_hours(record.get("job"), record.get("gpu_stats"), record.get("idle_for"), cpus=False)
+    if record.get("status") == "gpu_unused":
+        return (record.get("gpus_idle") or 0) * max(0.0, record.get("idle_for") or 0) / 3600.0, 0.0
+    seconds = record.get("since") if record.get("status") == "release_reminder" else duration
+    return billed_hours(record.get("job"), record.get("gpu_stats"), seconds)
+
+
+def billed_hours(job, gpu_stats, seconds, cpus=True):
+    """(GPU hours, core hours) billed for seconds of the allocation (not of use): the job's GPUs
+    and CPUs from its scheduler, else the GPUs it was given."""
+    hours = max(0.0, seconds or 0) / 3600.0
+    gpus = (job or {}).get("gpus") or len((gpu_stats or {}).get("gpus") or [])
+    return gpus * hours, ((job or {}).get("cpus") or 0) * hours if cpus else 0.0
+
+
+def cost_text(gpu_hours, cpu_hours, config, messages):
+    """12.5 GPU-h ≈ ¥112 (core hours when no GPU, or when they have a price); None for nothing."""
+    if config is None:
+        return None
+    gpu_price, cpu_price = config.get("cost", "gpu_hour"), config.get("cost", "cpu_hour")
+    parts = []
+    gpu_hours, cpu_hours = (hours if hours >= 0.005 else 0.0 for hours in (gpu_hours, cpu_hours))
+    if gpu_hours:
+        parts.append(messages["gpu_hours"].format(hours=format_hours(gpu_hours)))
+    if cpu_hours and (not gpu_hours or cpu_price):
+        parts.append(messages["cpu_hours"].format(hours=format_hours(cpu_hours)))
+    money = gpu_hours * gpu_price + cpu_hours * cpu_price
+    if parts and money:
+        return "%s ≈ %s%s" % (" · ".join(parts), config.get("cost", "currency"), format_money(money))
+    return " · ".join(parts) or None
+
+
+def format_hours(hours):
+    return "%.2f" % hours if hours < 1 else "%.1f" % hours if hours < 100 else "%.0f" % hours
+
+
+def format_money(amount):
+    return "%.2f" % amount if amount < 10 else "%.0f" % amount
+
+
+def gpu_state(stats):
+    """GPU0 98 % 71 W · GPU1 97 % 70 W: what each GPU does now (a stalled or lost report)."""
+    gpus = (stats or {}).get("gpus") or []
+    return " · ".join("GPU%s %s %% %s W" % (gpu["index"], "?" if gpu.get("util_last") is None else
+                                           "%g" % gpu["util_last"], "?" if gpu.get("power_last") is None else
+                                           "%.0f" % gpu["power_last"]) for gpu in gpus) or None
+
+
+def last_output(record, fields, messages):
+    """The training's last line and how long ago it came (wrap's clock on both sides)."""
+    line = fields.get("last_line")
+    if not line:
+        return None
+    if record.get("output_at") and record.get("last_heartbeat"):
+        age = max(0.0, record["last_heartbeat"] - record["output_at"])
+        return messages["ago"].format(line=line, age=format_duration(age))
+    return line
+
+
 def gpu_summary(gpus):
     if not isinstance(gpus, dict):
         return None
@@ -3367,7 +3809,7 @@ def gpu_summary(gpus):
     return text or None
 
 
-def report_fields(record, lines, messages, scheduler_lines=()):
+def report_fields(record, lines, messages, scheduler_lines=(), config=None):
     """Every named field a report (and a [report] template) can show."""
     duration = record.get("duration")
     if duration is None and record.get("start_time") and record.get("end_time"):
@@ -3392,7 +3834,10 @@ def report_fields(record, lines, messages, scheduler_lines=()):
         "start": format_local_time(record["start_time"]) if record.get("start_time") else "",
         "end": format_local_time(record["end_time"]) if record.get("end_time") else "",
         "peak_memory": format_bytes(record["peak_rss"]) if record.get("peak_rss") else "",
-        "gpus": gpu_summary(record.get("gpus")) or "",
+        "gpus": gpu_card(record.get("gpu_stats"), messages) or gpu_summary(record.get("gpus")) or "",
+        "cost": cost_text(*report_hours(record, duration), config=config, messages=messages) or "",
+        "idle": format_duration(record.get("idle_for") or 0), "gpus_total": record.get("gpus_total") or 0,
+        "gpus_idle": record.get("gpus_idle") or 0, "threshold": "%g" % (record.get("idle_threshold") or 0),
         "silence": format_duration(record.get("silence") or 0),
         "remaining": format_duration(record.get("remaining") or 0),
         "since": format_duration(record.get("since") or 0),
@@ -3411,7 +3856,7 @@ def build_report(record, config, work_dir, uid=None):
     status = record.get("status") if record.get("status") in STATUSES + EVENT_STATUSES else "unknown"
     roots = named_file_roots(config, work_dir)
     lines, log_note = read_log_lines(record, work_dir, messages, roots, uid)
-    fields = report_fields(record, lines, messages, scheduler_output_lines(record, work_dir, roots, uid))
+    fields = report_fields(record, lines, messages, scheduler_output_lines(record, work_dir, roots, uid), config)
     title, title_note = fill_report_template(config, "title_template", fields)
     title = title or report_title(status, fields, messages)
     if record.get("test"):
@@ -3455,7 +3900,8 @@ def array_report(record, config, work_dir, uid=None):
     status = record["status"]
     lines, _ = read_log_lines(record, work_dir, messages, named_file_roots(config, work_dir), uid)
     title = messages["title_" + status].format(**array_title_fields(facts, messages))
-    header = array_header(facts, messages, status)
+    cost = cost_text(facts.get("gpu_hours") or 0, facts.get("cpu_hours") or 0, config, messages)
+    header = array_header(facts, messages, status, cost)
     tail = lines[-ARRAY_TAIL_LINES:] if facts.get("first_task") and status == "array_done" else []
     if tail:
         tail = [messages["array_tail"].format(task=facts["first_task"], n=len(tail))] + tail
@@ -3477,7 +3923,7 @@ def array_title_fields(facts, messages):
             "failed": (facts.get("failed") or 0) + (facts.get("lost") or 0), "causes": causes + lost}
 
 
-def array_header(facts, messages, status):
+def array_header(facts, messages, status, cost=None):
     """The digest's lines: tasks, failed, unfinished, resubmit (or cancel), durations, first failure.
     A fail-fast push (array_failing) counts the tasks that ended so far and says how to cancel."""
     total = facts.get("size") or facts.get("reported") or 0
@@ -3502,6 +3948,8 @@ def array_header(facts, messages, status):
             median=format_duration(facts["median"]), fastest=format_duration(facts["fastest"]),
             fastest_task=facts.get("fastest_task"), slowest=format_duration(facts["slowest"]),
             slowest_task=facts.get("slowest_task"), total=format_total(facts["total"])))
+    if cost:
+        header.append(messages["array_cost"].format(cost=cost))
     if facts.get("first_task"):
         line = messages["array_first"].format(task=facts["first_task"], label=facts.get("first_label") or "?")
         header.append(line + (" — " + facts["first_line"] if facts.get("first_line") else ""))
@@ -3547,6 +3995,8 @@ def report_header(record, messages, status, fields, notes=()):
     job = record.get("job") or None
     if record.get("final") is False:
         header.append(messages["provisional"])
+    if status == "stalled" and nccl_hang_suspected(record.get("gpu_stats")):
+        header.append(messages["nccl_hang"])
     if status in STATUSES and job and job.get("outlives") and job.get("release"):
         header.append(messages["outlives"].format(release=job["release"]))
     log_error = record.get("log_error")
@@ -3578,11 +4028,16 @@ def header_rows(record, messages, status, fields):
         ("field_host", record.get("host")),
         ("field_job", job_summary(job, fields["seconds"], messages)),
         ("field_gpus", fields["gpus"]),
+        ("field_gpu_state", gpu_state(record.get("gpu_stats")) if status in ("stalled", "lost") else None),
+        ("field_last_output", last_output(record, fields, messages) if status.startswith("gpu_") else None),
+        ("field_cancel", cancel_command(record) if status.startswith("gpu_") else None),
+        ("field_cost", fields["cost"]),
         ("field_memory", fields["peak_memory"]),
         ("field_scheduler", record.get("scheduler_state")),
         ("field_last_heartbeat", format_local_time(record["last_heartbeat"])
          if record.get("last_heartbeat") else None),
-        ("field_last_line", fields["last_line"] if status in EVENT_STATUSES else None),
+        ("field_last_line", fields["last_line"] if status in EVENT_STATUSES and not status.startswith("gpu_")
+         else None),
         ("field_time_left", fields["remaining"] if status == "time_limit_warning" else None),
         ("field_release", record.get("release") if status == "release_reminder" else None),
         ("field_start", fields["start"]),
@@ -3590,7 +4045,22 @@ def header_rows(record, messages, status, fields):
         ("field_duration", fields["duration"] if fields["duration"] != "?" else None),
         ("field_log", record.get("log_file")),
     ]
+    if status.startswith("gpu_"):   # what the alert is about first: the GPUs, the log, the cost, the way out
+        first = ("field_gpus", "field_last_output", "field_cost", "field_cancel")
+        rows = rows[:2] + [row for key in first for row in rows if row[0] == key] + \
+            [row for row in rows[2:] if row[0] not in first]
     return rows
+
+
+def cancel_command(record):
+    """How to stop the billing: the scheduler's cancel command, or a signal to wrap (which stops
+    the training and reports it) on the host where it runs."""
+    job = record.get("job") or {}
+    if job.get("release"):
+        return job["release"]
+    if record.get("pid") and record.get("host"):
+        return "ssh %s kill %d" % (record["host"], record["pid"])
+    return None
 
 
 def test_report(config, channel):
@@ -4443,7 +4913,8 @@ def event_record(running, run_id, status, author_uid, **details):
     run_id is the run's file name, never a field of the record; author_uid is who wrote the
     running record, so that the report reads only what that user could read."""
     record = {key: running.get(key) for key in (
-        "name", "command", "work_dir", "host", "pid", "start_time", "started", "job", "log_file")}
+        "name", "command", "work_dir", "host", "pid", "start_time", "started", "job", "log_file", "gpus",
+        "gpu_stats", "output_at", "progress")}
     record.update(schema=SCHEMA_VERSION, hpcrun_version=__version__, status=status, final=True,
                   run_id="%s~%s" % (run_id, status), base_run_id=run_id, author_uid=author_uid,
                   last_heartbeat=running.get("written_at"), last_line=running.get("last_line"),
@@ -4780,6 +5251,35 @@ class Watcher(object):
                 watch["seq_at"] = now  # the scheduler says it runs: look again later
         elif stall_after and now - watch["size_at"] > stall_after:
             self.declare_stalled(state, run_id, running, author, now - watch["size_at"])
+        self.check_gpus(state, run_id, running, author)
+
+    def check_gpus(self, state, run_id, running, author):
+        """gpu_idle: every GPU of the job idle for [gpu] idle_after, once a streak and once more
+        after as long again; gpu_unused: some GPUs busy, others idle for unused_after, once."""
+        stats = running.get("gpu_stats")
+        verdict = gpu_verdict(stats, self.config.get("gpu", "idle_threshold"))
+        if not verdict:
+            return
+        kind, seconds, idle, total = verdict
+        details = dict(idle_for=seconds, gpus_idle=idle, gpus_total=total,
+                       idle_threshold=self.config.get("gpu", "idle_threshold"))
+        if kind == "idle" and "gpu_idle" in self.events:
+            after = self.config.get("gpu", "idle_after")
+            streak = int(max(gpu["idle_since"] for gpu in stats["gpus"] if gpu.get("idle_since") is not None))
+            first = "%s-%d" % (marker(run_id, "gpu_idle"), streak)
+            rounds = [(first, 1)] + ([(first + "-2", 2)] if state.exists("running", first) else [])
+            for name, number in rounds:
+                if seconds >= number * after and not state.exists("running", name):
+                    record = event_record(running, run_id, "gpu_idle", author, **details)
+                    record["run_id"] += "-%d-%d" % (streak, number)
+                    self.emit_once(state, "running", name, {}, record, "GPUs idle: %s: %d GPU(s) idle for %s" % (
+                        describe_run(running), total, format_duration(seconds)))
+                    break
+        elif kind == "unused" and "gpu_unused" in self.events and seconds >= self.config.get("gpu", "unused_after"):
+            self.emit_once(state, "running", marker(run_id, "gpu_unused"), {},
+                           event_record(running, run_id, "gpu_unused", author, **details),
+                           "GPUs unused: %s: %d of %d GPUs idle for %s" % (
+                               describe_run(running), idle, total, format_duration(seconds)))
 
     def emit_once(self, state, sub, marker, marker_data, record, message):
         """Queue an event report once across monitors: first the report, durable, then the
@@ -4976,11 +5476,13 @@ def task_summary(record, fields, work_dir, run_id):
     failed = record.get("status") in FAILURE_STATUSES
     label = fields.get("label") or (("exit %s" % record.get("exit_code")) if failed and
                                     record.get("exit_code") is not None else None)
+    gpu_hours, cpu_hours = billed_hours(job, record.get("gpu_stats"), record.get("duration"))
     return {"task": str(index) if index is not None else (record.get("name") or run_id),
             "index": index, "run_id": run_id, "status": record.get("status"), "failed": failed,
             "label": label if failed else None, "cause_line": fields.get("cause_line") if failed else None,
             "duration": record.get("duration"), "end_time": record.get("end_time") or time.time(),
-            "work_dir": work_dir, "log_file": record.get("log_file"), "author_uid": record.get("author_uid")}
+            "work_dir": work_dir, "log_file": record.get("log_file"), "author_uid": record.get("author_uid"),
+            "gpu_hours": gpu_hours, "cpu_hours": cpu_hours}
 
 
 def array_info(record, key, work_dir):
@@ -5170,6 +5672,8 @@ def digest_facts(info, summaries, tally, timed_out, now=time.time):
         facts.update(median=middle, fastest=durations[0][0], fastest_task=durations[0][1],
                      slowest=durations[-1][0], slowest_task=durations[-1][1],
                      total=sum(duration for duration, _ in durations))
+    for hours in ("gpu_hours", "cpu_hours"):
+        facts[hours] = sum(s[hours] for s in summaries if is_number(s.get(hours)))
     if first:
         facts.update(first_task=first["task"], first_label=first.get("label"), first_line=first.get("cause_line"))
     return facts, first
@@ -5561,7 +6065,7 @@ def make_logger(stream=None):
 
 # --- status ---
 
-def collect_runs(work_dir, roots=None, now=None):
+def collect_runs(work_dir, roots=None, now=None, config=None):
     """Every run hpcrun knows of in work_dir that is not yet reported, newest first."""
     now = time.time() if now is None else now
     roots = roots or [work_dir]
@@ -5575,7 +6079,7 @@ def collect_runs(work_dir, roots=None, now=None):
                 run_id = (parse_claim_name(filename) or (filename,))[0] if sub == "claimed" else filename[:-5]
                 record = read_status_record(state, sub, filename, run_id)
                 delivery = read_delivery_state(state, run_id) if valid_run_id(run_id) else {}
-                runs.append(status_entry(state, sub, label, run_id, record, delivery, roots, now))
+                runs.append(status_entry(state, sub, label, run_id, record, delivery, roots, now, config))
     if os.path.lexists(os.path.join(work_dir, LEGACY_RECORD)):
         runs.append({"work_dir": work_dir, "run_id": LEGACY_RECORD, "name": LEGACY_RECORD,
                      "state": "finished, waiting to be reported", "start_time": None,
@@ -5595,7 +6099,7 @@ def read_status_record(state, sub, filename, run_id):
     return record
 
 
-def status_entry(state, sub, label, run_id, record, delivery, roots, now):
+def status_entry(state, sub, label, run_id, record, delivery, roots, now, config=None):
     """One run as status shows it (and status --json prints it)."""
     start = record.get("start_time")
     end = record.get("end_time") if sub != "running" else None
@@ -5614,15 +6118,20 @@ def status_entry(state, sub, label, run_id, record, delivery, roots, now):
         except (OSError, HpcrunError):
             last_line = ""
     job = record.get("job") or {}
+    elapsed = ((end or now) - start) if start else None
+    gpu_stats = record.get("gpu_stats")
+    gpus = (gpu_state(gpu_stats) if sub == "running" else gpu_card(gpu_stats, MESSAGES["en"])) if gpu_stats else None
     return {"work_dir": state.work_dir, "run_id": run_id, "name": record.get("name"),
             "state": label, "status": record.get("status"), "start_time": start,
-            "elapsed": ((end or now) - start) if start else None,
+            "elapsed": elapsed,
             "host": record.get("host"), "log_file": record.get("log_file"),
             "last_line": last_line or "", "job": job_label(job),
             "time_left": job["end_time"] - now if sub == "running" and job.get("end_time") else None,
             "heartbeat_age": now - record["written_at"] if sub == "running" and record.get("written_at") else None,
             "delivery_failures": delivery.get("failures", 0), "delivery_error": delivery.get("last_error"),
-            "progress": record.get("progress"), "metric": metric_line(record), "array": array_key(record)}
+            "progress": record.get("progress"), "metric": metric_line(record), "array": array_key(record),
+            "gpus": gpus, "gpu_stats": gpu_stats,
+            "cost": cost_text(*billed_hours(job, gpu_stats, elapsed), config=config, messages=MESSAGES["en"])}
 
 
 def metric_line(record, lines=()):
@@ -5642,7 +6151,7 @@ def format_status_line(run):
         parts.append("%s left" % format_duration(run["time_left"]))
     if run.get("heartbeat_age") is not None:
         parts.append("heartbeat %s ago" % format_duration(run["heartbeat_age"]))
-    for key in ("job", "progress", "metric"):
+    for key in ("job", "progress", "metric", "gpus", "cost"):
         if run.get(key):
             parts.append(run[key])
     parts.append(run.get("last_line") or "")
@@ -5801,7 +6310,7 @@ def cmd_status(args):
     for work_dir in work_dirs:
         work_dir = os.path.abspath(work_dir)
         try:
-            runs.extend(collect_runs(work_dir, named_file_roots(config, work_dir)))
+            runs.extend(collect_runs(work_dir, named_file_roots(config, work_dir), config=config))
         except OSError as error:
             print_warning("cannot read '%s': %s" % (work_dir, error.strerror or error))
         except HpcrunError as error:

@@ -256,6 +256,35 @@ class Bench(object):
         self.row("4b same with start-up and record", "%.3fs CPU" % record["wrapper_cpu"],
                  "%.0fs wall" % record["duration"], "%.3f%%" % total, "(see 7)", True)
 
+    def gpu_cost(self):
+        """4c: the wrapper's CPU while a silent training runs on 8 GPUs sampled every second
+        (30 times the default [gpu] sample_interval): reading and counting nvidia-smi's rows."""
+        seconds = 10 if self.quick else 60
+        work = self.work_dir("gpu")
+        fake = self.work_dir("fake-gpu")
+        tools = self.work_dir("gpu-bin")
+        with open(os.path.join(tools, "nvidia-smi"), "w") as stream:
+            stream.write("#!/bin/sh\nexec '%s' '%s' \"$@\"\n" % (PYTHON, os.path.join(HERE, "fake_nvidia_smi.py")))
+        os.chmod(os.path.join(tools, "nvidia-smi"), 0o755)
+        with open(os.path.join(fake, "mode"), "w") as stream:
+            stream.write("loop")
+        with open(os.path.join(fake, "rows"), "w") as stream:
+            stream.write("".join("2026/11/30 06:10:02.417, %d, GPU-8932f937-d72c-4106-c12f-20bd9faed9f%d, "
+                                 "NVIDIA A100-SXM4-80GB, 97, 61234, 81920, 312.45, 400.00\n" % (i, i) for i in range(8)))
+        config = os.path.join(fake, "config.ini")
+        with open(config, "w") as stream:
+            stream.write("[gpu]\nsample_interval = 1\n")
+        env = dict(self.env, PATH=tools + os.pathsep + self.env.get("PATH", ""), FAKE_GPU_DIR=fake,
+                   CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", HPCRUN_CONFIG=config)
+        subprocess.call(self.wrap_line(work, "sleep %d" % seconds), shell=True, env=env)
+        record = hpcrun.read_json_file(os.path.join(work, ".hpcrun", "done", os.listdir(
+            os.path.join(work, ".hpcrun", "done"))[0]))
+        samples = min(gpu["samples"] for gpu in (record.get("gpu_stats") or {}).get("gpus") or [{"samples": 0}])
+        share = 100.0 * record["wrapper_cpu_while_running"] / record["duration"]
+        self.row("4c idle cost, 8 GPUs sampled every 1s", "%.3fs CPU, %d samples" % (
+            record["wrapper_cpu_while_running"], samples), "%.0fs wall" % record["duration"], "%.3f%%" % share,
+            "<= 0.1%", share <= 0.1 and samples >= seconds - 3)
+
     def report_cost(self):
         small = self.make_log("small.log", 5 * 1000 * 1000)
         large = self.make_log("large.log", 5 * 1000 * 1000 * 1000)
@@ -630,7 +659,7 @@ def main():
     started, load, script = time.monotonic(), OtherLoad(), file_digest(HPCRUN)
     try:
         for step in (bench.relay_throughput, bench.line_heavy, bench.progress_bar, bench.idle_cost,
-                     bench.report_cost, bench.poll_cost, bench.array_cost, bench.startup, bench.memory,
+                     bench.gpu_cost, bench.report_cost, bench.poll_cost, bench.array_cost, bench.startup, bench.memory,
                      bench.latency):
             print("%s ..." % step.__name__.replace("_", " "))
             sys.stdout.flush()

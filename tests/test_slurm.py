@@ -380,7 +380,8 @@ class SlurmEndingsTest(SlurmTestCase):
     """Issue 3: how runs end under a real Slurm, each ending reported once."""
 
     # Only the ends (and lost runs) are pushed: a 1-minute job also gets a time-limit warning.
-    config_sections = {"notify": {"events": "end, lost"}}
+    # Every array task is pushed on its own (arrays = each); the digest is test_slurm_arrays'.
+    config_sections = {"notify": {"events": "end, lost", "arrays": "each"}}
 
     @classmethod
     def submit_jobs(cls):
