@@ -72,6 +72,7 @@ STATUS_TABLE = (
     ("array_failing",     "event", "array_failing",      None,                 True,  ()),
     ("gpu_idle",          "event", "gpu_idle",           "gpu_idle",           True,  ()),
     ("gpu_unused",        "event", "gpu_unused",         "gpu_unused",         True,  ()),
+    ("deadline_forecast", "event", "deadline_forecast",  "deadline_forecast",  True,  ()),
 )
 STATUSES = tuple(row[0] for row in STATUS_TABLE if row[1] == "end")
 EVENT_STATUSES = tuple(row[0] for row in STATUS_TABLE if row[1] == "event")
@@ -80,7 +81,9 @@ EVENT_OF_STATUS = {row[0]: row[2] for row in STATUS_TABLE}
 MARKER_OF_STATUS = {row[0]: "." + row[3] for row in STATUS_TABLE if row[3]}
 FAILURE_STATUSES = tuple(row[0] for row in STATUS_TABLE if row[4])
 TITLE_EXTRAS = {row[0]: row[5] for row in STATUS_TABLE}
-CAUSE_STATUSES = ("failed", "killed", "terminated", "lost")   # reports that say why it ended
+CAUSE_STATUSES = ("failed", "killed", "terminated", "lost")
+FORECAST_ROUNDS = 10         # deadline forecasts a run may get (each after a raised limit put it back in time)
+RUNNING_REPORTS = ("stalled", "lost", "time_limit_warning", "deadline_forecast")   # they show the ETA   # reports that say why it ended
 # What status shows for a running run, by the first of its markers found (a lost run that beats
 # again has both .lost and .recovered).
 SHOWN_BY_MARKER = (("recovered", "running (heartbeat back after lost)"), ("lost", "lost (no heartbeat)"),
@@ -95,7 +98,7 @@ DEFAULTS = {
         "language": "zh",
         "keys_file": "api_keys.ini",
         "events": "end, lost, stalled, time_limit_warning, release_reminder, array_done, array_failing, "
-                  "gpu_idle, gpu_unused",
+                  "gpu_idle, gpu_unused, deadline_forecast",
         "only_failures": False,
         "min_duration": 0.0,
         "skip_short_failures": False,
@@ -110,6 +113,7 @@ DEFAULTS = {
         "include_last_n_lines": 50,
         "max_chars": 4000,
         "metric": "loss",
+        "checkpoint": "",
         "title_template": "",
         "header_template": "",
     },
@@ -123,6 +127,7 @@ DEFAULTS = {
         "reminder_interval": 1800.0,
         "reminder_max": 6,
         "forget_after": 604800.0,
+        "forecast_after": 600.0,
     },
     "wrap": {
         "log_dir": "logs",
@@ -229,6 +234,20 @@ PROGRESS_PATTERNS = (
     ("bar", r"(\d{1,3})%\|[^|\n]*\|\s*(\d+(?:\.\d+)?[kMG]?)/(\d+(?:\.\d+)?[kMG]?)"),
     ("step", r"(?i)(?<!\*\*\* )\b(?:global[_ ])?(?:step|iter(?:ation)?)s?\b\s*[:=]?\s*\[?\s*(\d+)(?:\s*(?:/|of)\s*(\d+))?"),
 )
+# Lines that say a checkpoint was written (reference gpu-arrays-forecast §3): what was saved is
+# the first group. HF Trainer, DeepSpeed, Lightning and Keras (verbose), mmengine, and the usual
+# hand-written forms; [report] checkpoint adds a pattern of the user's own.
+CHECKPOINT_PATTERNS = (
+    r"Saving model checkpoint (?:to|:) ?(\S+)",
+    r"[Ss]aving model to '([^']+)'",
+    r"[Ss]aving model to (\S+)",
+    r"(?i)saving checkpoint at (\d+ (?:epochs?|iterations?))",
+    r"(?i)\bcheckpoint (?:saved|written|stored)(?: (?:to|at|in))?:? ?(\S*)",
+    r"(?i)\b(?:saved|saving|wrote|writing) (?:a |the )?(?:model )?checkpoint(?: (?:to|at|in|as))?:? ?([^,;]*)",
+)
+CHECKPOINT_HINTS = (b"heckpoint", b"HECKPOINT", b"aving model")   # a chunk without them is not scanned
+CHECKPOINT_FILE_RE = r"^(?:checkpoint-\d+|global_step\d+)$|\.(?:ckpt|pt|pth|safetensors)$"
+CHECKPOINT_SEARCH = (4, 5000, 1.0)   # depth, entries and seconds the search for checkpoint files may take
 SECRET_PATTERNS = (
     r"(?i)((?<![a-z0-9])(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|token|passw(?:or)?d|passwd|pwd)"
     r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&]+)",
@@ -298,6 +317,27 @@ MESSAGES = {
         "gpu_power": "功耗平均 {power}/{limit} W",
         "gpu_unused_flag": "未使用：GPU {list}",
         "gpu_all_unused": "GPU 全程未使用",
+        "title_deadline_forecast": "⏳ {name} 跑不完：还需约 {needs}，只剩 {left} → 大约停在 {stops}",
+        "status_deadline_forecast": "按目前的速度（{rate}）还需要 {needs}，但作业只剩 {left}",
+        "field_eta": "预计完成",
+        "eta_text": "还需 {eta}（{rate}），{verdict}",
+        "eta_in_time": "能在时间上限前跑完，富余 {spare}",
+        "eta_late": "时间上限前跑不完，差 {late}",
+        "eta_no_limit": "作业时间上限未知",
+        "field_advice": "怎么办",
+        "advice_admin": "运行中的作业只有管理员能延长时间上限，请他们执行 {command}",
+        "advice_user": "自己延长时间上限：{command}",
+        "advice_site": "如果你的集群允许（LSB_MOD_ALL_JOBS=Y）：{command}",
+        "advice_resubmit": "下次提交时申请足够的时间：{command}",
+        "advice_checkpoint": "趁还来得及保存检查点",
+        "field_cost_forecast": "费用",
+        "cost_forecast": "到现在 {now}，跑完约 {end}",
+        "field_checkpoint": "最后的检查点",
+        "checkpoint_text": "{name}{progress}，结束前 {age}",
+        "checkpoint_running": "{name}{progress}，{age} 前",
+        "no_checkpoint": "日志和工作目录里都没有检查点：整个运行白跑了，下次要么保存检查点，要么申请更长的时间",
+        "rate_per_hour": "{n} {unit}/小时",
+        "rate_per_second": "{n} {unit}/秒",
         "test_prefix": "[测试] ",
         "status_start": "开始运行",
         "status_time_limit_warning": "作业时间上限还剩 {remaining}：保存检查点或延长作业",
@@ -451,6 +491,27 @@ MESSAGES = {
         "gpu_power": "power {power}/{limit} W avg",
         "gpu_unused_flag": "unused: GPU {list}",
         "gpu_all_unused": "no GPU was used",
+        "title_deadline_forecast": "⏳ {name} will not finish: needs ≈ {needs} more, {left} left → stops near {stops}",
+        "status_deadline_forecast": "at the current rate ({rate}) the run needs {needs} more, and the job has {left} left",
+        "field_eta": "ETA",
+        "eta_text": "{eta} more ({rate}), {verdict}",
+        "eta_in_time": "finishes before the limit with {spare} to spare",
+        "eta_late": "does not finish before the limit: short by {late}",
+        "eta_no_limit": "the job's time limit is unknown",
+        "field_advice": "What to do",
+        "advice_admin": "only an administrator can raise a running job's limit: ask for {command}",
+        "advice_user": "raise the limit yourself: {command}",
+        "advice_site": "where your site allows it (LSB_MOD_ALL_JOBS=Y): {command}",
+        "advice_resubmit": "next time ask for enough time: {command}",
+        "advice_checkpoint": "save a checkpoint while there is time",
+        "field_cost_forecast": "Cost",
+        "cost_forecast": "{now} so far, ≈ {end} at the end",
+        "field_checkpoint": "Last checkpoint",
+        "checkpoint_text": "{name}{progress}, {age} before the end",
+        "checkpoint_running": "{name}{progress}, {age} ago",
+        "no_checkpoint": "no checkpoint in the log or under the work dir: the whole run is lost; the next one needs checkpoints or a longer time limit",
+        "rate_per_hour": "{n} {unit}s/h",
+        "rate_per_second": "{n} {unit}s/s",
         "test_prefix": "[test] ",
         "status_start": "started",
         "status_time_limit_warning": "{remaining} left before the job's time limit: save a checkpoint or extend the job",
@@ -922,13 +983,398 @@ def format_metric_trend(name, values):
     return text + " " + sparkline(values)
 
 
+# --- progress: the run's fraction and rate, from progress lines with totals ---
+
+# A progress line gives readings, tuples (role, numbers...): "epoch_line" (epoch i/N as printed),
+# "epochs" (epochs done, N), "epoch_total" (N alone, from a config line), "inner" (count, total,
+# epochs done or None: a bar within one epoch), "bar" (count, total, description: a tqdm bar that
+# is the run's or, beside an epoch count, the epoch's), "steps" (count, total, unit: a standalone
+# step or iter count, the same two roles), "run" (count, total, unit: global_step, Iter(train)).
+# Kinds in the order they are tried; the first that matches a line reads it.
+PROGRESS_COUNT_RE = (r"(?i)\b(global[_ ]step|step|iter(?:ation)?|batch)(?:e?s)?\b"
+                     r"\s*[:=]?\s*\[?\s*(\d+)\s*(?:/|of)\s*(\d+)")
+PROGRESS_TOTAL_PATTERNS = (
+    ("tqdm", r"^(.*?)(\d+)%\|[^|]*\|\s*(\d+(?:\.\d+)?)([kMGTP]?)/(\d+(?:\.\d+)?)([kMGTP]?)(?![\d.])"),
+    ("rich", r"(?i)^\s*epoch\s+(\d+)/(\d+)\s+[━╸╺]+\s+(\d+)/(\d+)"),   # Lightning's RichProgressBar
+    ("mmengine_epoch", r"\bEpoch(?:\((\w+)\))?\s*\[\s*(\d+)(?:\s*/\s*(\d+))?\]\s*\[\s*(\d+)\s*/\s*(\d+)\]"),
+    ("mmengine_iter", r"\bIter\((\w+)\)\s*\[\s*(\d+)\s*/\s*(\d+)\]"),
+    ("keras", r"^\s*(\d+)/(\d+)\s+(?:\[[=>.]*\]|[━─]+|-\s)"),
+    ("epoch", r"(?i)\bepochs?\b\s*[:=]?\s*\[?\s*(\d+)\s*(?:/|of)\s*(\d+)"),
+    ("count", PROGRESS_COUNT_RE),
+    ("epoch_total", r"(?i)\b(?:(?:max|num|num_train|n|total)_epochs\s*[=:]|epochs\s*=|num epochs\s*=)\s*(\d+)\b"),
+)
+PROGRESS_RANK_RE = r"^(?:\[[A-Za-z_]*(\d+)\]:|(\d+):\s|\[\d+,(\d+)\]<\w+>:)"
+PROGRESS_SKIPPED_BAR_RE = (r"(?i)\b(?:valid|val\b|eval|test|predict|sanity|inferenc|generat|load|download|upload"
+                           r"|map\b|token|filter|fetch|extract|sav|cach|shard|resolv|convert|preprocess)")
+PROGRESS_EPOCH_DESC_RE = r"(?i)\bepochs?\b\s*(?:(\d+)(?:\s*(?:/|of)\s*(\d+))?)?"
+PROGRESS_SUMMARY_RE = r"(?i)\b(?:\w*loss|\w*acc(?:uracy)?|finished|completed?|done|ended)\b"
+PROGRESS_CUT_RE = r"[\d.kMGTP]+$"  # a number the newest line may end in the middle of
+PROGRESS_SI = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+PROGRESS_MAX_COUNT = 1e15      # a larger count or total is garbage
+PROGRESS_LOOK_GRACE = 2.0      # seconds after a look (about one a second) that count as seen, not stalled
+PROGRESS_BAR_KEYS = 16         # bar descriptions whose largest total is remembered
+PROGRESS_WINDOW_MIN = 600.0    # seconds: the shortest rate window, once there is that much history
+                               # (monitor's forecast_after: the history a forecast needs)
+
+
+def progress_line_text(line):
+    """A log line without its rank prefix, or None when the prefix names a rank other than 0."""
+    rank = re.match(PROGRESS_RANK_RE, line)
+    if rank and any(group.strip("0") for group in rank.groups() if group):
+        return None
+    return re.sub(RANK_PREFIX_RE, "", line, count=1)
+
+
+def progress_number(digits, prefix=""):
+    """1200.0 of ('1.20', 'k'): a tqdm count, scaled by its SI prefix."""
+    return float(digits) * PROGRESS_SI[prefix]
+
+
+def progress_fraction(count, total):
+    """count/total within 0..1, or None when either is not a sane number."""
+    if not (0 <= count <= PROGRESS_MAX_COUNT and 0 < total <= PROGRESS_MAX_COUNT):
+        return None   # also nan and inf
+    return min(1.0, count / total)
+
+
+def parse_progress_totals(line, cut=False):
+    """The readings of one cleaned log line (see PROGRESS_TOTAL_PATTERNS), [] for none;
+    cut: without the number the line ends in (it may be cut short: `Epoch 3/10` of `Epoch 3/100`)."""
+    line = progress_line_text(line)
+    if line is None:
+        return []
+    if cut:
+        line = re.sub(PROGRESS_CUT_RE, "", line.rstrip())
+    for kind, pattern in PROGRESS_TOTAL_PATTERNS:
+        match = re.search(pattern, line)
+        if match:
+            return PROGRESS_PARSERS[kind](match)
+    return []
+
+
+def parse_progress_tqdm(match):
+    """A tqdm bar, by its description: the epoch count (`Epoch: 3/10`), one epoch's bar
+    (`Epoch 3/10:`, Lightning's 0-based `Epoch 3:`), nothing (evaluation, loading), or a bar."""
+    description = match.group(1).strip(" :")
+    count, total = progress_number(*match.group(3, 4)), progress_number(*match.group(5, 6))
+    if re.search(PROGRESS_SKIPPED_BAR_RE, description):
+        return []
+    epoch = re.search(PROGRESS_EPOCH_DESC_RE, description)
+    if not epoch:
+        return [("bar", count, total, re.sub(r"\d+", "#", description)[:40])]  # Step 3, GPU0: one bar
+    if epoch.group(2):
+        return [("epoch_line", float(epoch.group(1)), float(epoch.group(2)), False),
+                ("inner", count, total, None)]
+    if epoch.group(1):
+        return [("inner", count, total, float(epoch.group(1)))]
+    return [("epochs", count, total)]
+
+
+def parse_progress_rich(match):
+    """Lightning's RichProgressBar, `Epoch 5/9 ━━━ 450/1000`: 0-based, and 9 is max_epochs - 1."""
+    epoch, last_epoch, count, total = (float(group) for group in match.groups())
+    return [("epochs", epoch, last_epoch + 1), ("inner", count, total, None)]
+
+
+def parse_progress_mmengine_epoch(match):
+    """mmengine's `Epoch(train) [10][100/270]` (mmcv: `Epoch [10][100/270]`): 1-based epoch."""
+    mode, epoch, epochs, count, total = match.groups()
+    if mode not in (None, "train"):
+        return []
+    readings = [("epoch_total", float(epochs))] if epochs else []
+    return readings + [("inner", float(count), float(total), float(epoch) - 1)]
+
+
+def parse_progress_mmengine_iter(match):
+    """mmengine's `Iter(train) [5/10000]`: the run's iterations."""
+    mode, count, total = match.groups()
+    return [("run", float(count), float(total), "iter")] if mode == "train" else []
+
+
+def parse_progress_keras(match):
+    """Keras's step bar within an epoch, `120/469 [===>...]` or `469/469 ━━━━ 3s 6ms/step`."""
+    return [("inner", float(match.group(1)), float(match.group(2)), None)]
+
+
+def parse_progress_epoch(match):
+    """`Epoch 3/100`, `Epoch [3/100]`, `epoch 3 of 100`, with a step or batch count of the
+    epoch on the same line, or metrics (an end-of-epoch summary: epoch 3 is done)."""
+    line = match.string[:match.start()] + " " + match.string[match.end():]
+    count = re.search(PROGRESS_COUNT_RE, line)
+    summary = not count and bool(re.search(PROGRESS_SUMMARY_RE, line))
+    readings = [("epoch_line", float(match.group(1)), float(match.group(2)), summary)]
+    return readings + ([progress_count_reading(count, within_epoch=True)] if count else [])
+
+
+def parse_progress_count(match):
+    """`step 1200/50000`, `Iteration 1200/50000`, `global_step 1200/50000`, `Batch 120/469`."""
+    return [progress_count_reading(match)]
+
+
+def progress_count_reading(match, within_epoch=False):
+    """global_step counts the run; a batch, or a step beside an epoch count, the epoch."""
+    word, count, total = match.group(1).lower(), float(match.group(2)), float(match.group(3))
+    if word.startswith("global"):
+        return ("run", count, total, "step")
+    if within_epoch or word == "batch":
+        return ("inner", count, total, None)
+    return ("steps", count, total, "iter" if word.startswith("iter") else "step")
+
+
+def parse_progress_epoch_total(match):
+    """`max_epochs=12` of a config dump, `Num Epochs = 3`: how many epochs the run has."""
+    return [("epoch_total", float(match.group(1)))]
+
+
+PROGRESS_PARSERS = {"tqdm": parse_progress_tqdm, "rich": parse_progress_rich,
+                    "mmengine_epoch": parse_progress_mmengine_epoch, "mmengine_iter": parse_progress_mmengine_iter,
+                    "keras": parse_progress_keras, "epoch": parse_progress_epoch, "count": parse_progress_count,
+                    "epoch_total": parse_progress_epoch_total}
+
+
+def progress_reading_sane(reading):
+    """Whether a reading's numbers are sane: finite, in range, its total (the second number, or
+    the only one) positive."""
+    numbers = [value for value in reading[1:] if isinstance(value, float)]
+    total = numbers[1] if len(numbers) > 1 else numbers[0]
+    return all(0 <= value <= PROGRESS_MAX_COUNT for value in numbers) and total > 0
+
+
+def progress_label(unit, done, total):
+    """'epoch 61/100', 'step 30500/50000': what is done, whole units (61 while 61 <= done < 62,
+    so that it agrees with the percentage beside it)."""
+    return "%s %d/%d" % (unit, int(done + 1e-9 * max(1.0, total)), total)
+
+
+def progress_eta(fraction, rate):
+    """Seconds to the end at rate (fraction per second): 0 once done, None without progress."""
+    if fraction >= 1.0:
+        return 0.0
+    return (1.0 - fraction) / rate if rate else None
+
+
+def progress_point(snapshot, seconds):
+    """What the progress will be `seconds` later at the snapshot's rate: (fraction, label),
+    e.g. (0.61, "epoch 61/100")."""
+    fraction = snapshot["fraction"]
+    if snapshot["rate"]:
+        fraction = min(1.0, fraction + snapshot["rate"] * max(0.0, seconds))
+    return fraction, progress_label(snapshot["unit"], fraction * snapshot["total"], snapshot["total"])
+
+
+class ProgressTracker(object):
+    """The run's progress fraction and rate, from the last lines of its log, looked at now and
+    then; snapshot() is cheap and the memory bounded: at most `points` (time, fraction) points
+    (4 at least), thinned evenly as the run grows, and a few readings.
+
+    Which measure is the run's, first that applies: a run-level count (global_step,
+    Iter(train)); epochs, (epochs done + the epoch's inner fraction) / N, once N and the epochs
+    done are known; a standalone step or iter count; a tqdm bar. An epoch line or bar is the
+    outer measure; the inner one is the latest bar or count within the epoch printed after it
+    (an epoch's bar, Keras's step bar, a batch or step count beside an epoch, and any other bar
+    or count while epochs are known). `Epoch 3/100` as printed starts epoch 3 (2 done) unless
+    the same line has metrics (an end-of-epoch summary, 3 done) or the log once showed
+    `epoch 0/N` (0-based). Lightning's tqdm bar `Epoch 5:` (0-based, 5 done) and mmengine's
+    `Epoch(train) [10]` (1-based) carry their own epoch but not N: the run's fraction stays
+    unknown until N comes from an `epoch i/N` line or a config line (`max_epochs=12`).
+
+    Among bars with the same description, a shorter total is an evaluation or a sub-loop (the
+    HF Trainer's eval bar beside its max_steps bar) and is left out. The fraction does not go
+    back while the run-level count does not (an inner bar restarting before its epoch line);
+    when that count goes back, or the measure changes (a new run, a resumed one, a second
+    phase), the rate history starts again. Lines are read whole at each look, so lines seen
+    before read the same again."""
+
+    def __init__(self, clock=time.monotonic, points=256, min_window=PROGRESS_WINDOW_MIN):
+        self.clock = clock
+        self.capacity = max(4, int(points))
+        self.min_window = min_window
+        self.window = []          # the lines of the last look
+        self.looked_at = None     # when
+        self.epochs = None        # (epochs done, epoch total) of the last epoch line or epoch bar
+        self.epoch_total = None   # epochs from a config line
+        self.zero_based = False   # an `epoch 0/N` line was seen: epoch lines count from 0
+        self.inner = None         # (fraction of the epoch, epochs done or None, total) since its epoch line
+        self.bar = None           # (count, total, "it", description) of the last bar taken
+        self.bar_totals = collections.OrderedDict()  # description -> largest total seen
+        self.steps = None         # (count, total, unit) of the last standalone step count
+        self.run = None           # (count, total, unit) of the last run-level count
+        self.current = None       # (key, count, fraction, done, unit, total) of the run's measure
+        self.points = []          # (time, fraction) since the measure started, thinned
+        self.spacing = 0.0        # seconds kept between points
+
+    def feed(self, lines, now=None):
+        """Look at cleaned log lines (oldest first)."""
+        now = self.clock() if now is None else now
+        lines = list(lines)
+        self.looked_at = now
+        if lines == self.window:
+            return
+        self.window = lines
+        for index, line in enumerate(lines):
+            cut = index == len(lines) - 1 and not self.may_end(line)
+            for reading in parse_progress_totals(line, cut):
+                if progress_reading_sane(reading):
+                    getattr(self, "take_" + reading[0])(*reading[1:])
+        self.record(now)
+
+    def may_end(self, line):
+        """Whether the newest line, which the training may still be writing (a flush in the
+        middle of `Epoch 3/100`), can be read whole: it does not end in a number, or the number
+        is a total already known (or none is known yet)."""
+        ending = re.search(r"(\d+)$", line.rstrip())
+        totals = [taken[1] for taken in (self.epochs, self.steps, self.run, self.bar) if taken]
+        totals += [self.epoch_total, self.inner and self.inner[2]]
+        return not ending or not any(totals) or float(ending.group(1)) in totals
+
+    def take_epoch_line(self, epoch, total, summary):
+        if epoch == 0:
+            self.zero_based = True
+        done = epoch - (0 if self.zero_based else 1) + (1 if summary else 0)
+        self.take_epochs(max(0.0, done), total)
+
+    def take_epochs(self, done, total):
+        epochs = (min(done, total), total)
+        if epochs != self.epochs:
+            self.inner = None    # a new epoch: what came before was the last one's
+        self.epochs = epochs
+
+    def take_epoch_total(self, total):
+        self.epoch_total = total
+
+    def take_inner(self, count, total, done=None):
+        self.inner = (progress_fraction(count, total), done, total)
+
+    def take_bar(self, count, total, description):
+        largest = self.bar_totals.pop(description, 0.0)
+        self.bar_totals[description] = max(largest, total)
+        if len(self.bar_totals) > PROGRESS_BAR_KEYS:
+            self.bar_totals.popitem(last=False)
+        if total >= largest:
+            self.bar = (count, total, "it", description)
+            self.take_inner(count, total)
+
+    def take_steps(self, count, total, unit):
+        self.steps = (count, total, unit)
+        self.take_inner(count, total)
+
+    def take_run(self, count, total, unit):
+        self.run = (count, total, unit)
+
+    def measure(self):
+        """The run's measure now: (key, count, fraction, done, unit, total), or None."""
+        epochs = self.epoch_measure()
+        if epochs and not self.run:
+            return epochs
+        for name, taken in (("run", self.run), ("steps", self.steps), ("bar", self.bar)):
+            if taken:
+                count, total, unit = taken[:3]
+                fraction = progress_fraction(count, total)
+                return ((name,) + taken[1:], count, fraction, min(count, total), unit, total)
+        return None
+
+    def epoch_measure(self):
+        """The epochs' measure, or None until the epoch total and the epochs done are known."""
+        total = self.epochs[1] if self.epochs else self.epoch_total
+        inner_fraction, inner_done = self.inner[:2] if self.inner else (0.0, None)
+        done = inner_done if inner_done is not None else (self.epochs[0] if self.epochs else None)
+        if total is None or done is None:
+            return None
+        done = min(done, total)
+        fraction = min(1.0, (done + inner_fraction) / total)
+        return (("epoch", total), done, fraction, fraction * total, "epoch", total)
+
+    def record(self, now):
+        """Keep the measure; a point in the history when it moved on, a new history when its
+        run-level count went back or it is another measure."""
+        measure = self.measure()
+        if measure is None:
+            return
+        key, count, fraction = measure[:3]
+        current = self.current
+        if current is None or key != current[0] or count < current[1]:
+            self.points, self.spacing = [(now, fraction)], 0.0
+        elif fraction > current[2]:
+            self.add_point(now, fraction)
+        else:
+            measure = measure[:2] + current[2:4] + measure[4:]   # held: see the class docstring
+        self.current = measure
+
+    def add_point(self, now, fraction):
+        """Append (now, fraction); the newest point stands in for all since the one before it
+        until `spacing` has passed."""
+        last_time = self.points[-1][0]
+        if now <= last_time or (len(self.points) > 1 and now - self.points[-2][0] < self.spacing):
+            self.points[-1] = (max(now, last_time), fraction)
+            return
+        self.points.append((now, fraction))
+        if len(self.points) > self.capacity:
+            self.thin()
+
+    def thin(self):
+        """Drop every other point (never the newest); later points come as far apart as those kept."""
+        kept = self.points[::2]
+        if kept[-1] is not self.points[-1]:
+            kept.append(self.points[-1])
+        self.points = kept
+        self.spacing = (kept[-1][0] - kept[0][0]) / (len(kept) - 1)
+
+    def rate(self, now):
+        """(fraction per second, seconds it rests on) up to now, or (None, 0.0) before any history.
+
+        The window is the most recent half of the history, but at least min_window seconds (ten
+        minutes) when there is that much: half, so that a slow start (loading, compilation,
+        warm-up) drops out as the run goes on while the rate still rests on a long stretch, and a
+        slowdown shows within about as long as the run had gone before it; ten minutes at least,
+        so that it spans a whole cycle of training and evaluation pauses rather than the burst
+        between two pauses. It ends at now, not at the last progress, so that a stall lowers the
+        rate; but at the last look if that is at most PROGRESS_LOOK_GRACE old (what came after
+        it is not known yet, and not a stall)."""
+        if not self.points:
+            return None, 0.0
+        end = max(self.looked_at, now - PROGRESS_LOOK_GRACE, self.points[-1][0])
+        history = end - self.points[0][0]
+        if history <= 0:
+            return None, 0.0
+        window = min(history, max(history / 2.0, self.min_window))
+        gained = self.current[2] - self.fraction_at(end - window)
+        return max(0.0, gained) / window, window
+
+    def fraction_at(self, moment):
+        """The fraction at a moment of the history, interpolated between the points around it."""
+        points = self.points
+        index = len(points) - 1
+        while index > 0 and points[index][0] > moment:
+            index -= 1
+        (time_before, before) = points[index]
+        if index == len(points) - 1 or moment <= time_before:
+            return before
+        time_after, after = points[index + 1]
+        return before + (after - before) * (moment - time_before) / (time_after - time_before)
+
+    def snapshot(self, now=None):
+        """None, or a dict: fraction (0..1), done (float, in the unit), total (int), unit ("epoch",
+        "step", "iter", or "it" for a bare tqdm bar), label ("epoch 61/100"), rate (fraction per
+        second, or None while unknown), eta (seconds to the end at that rate, or None), observed
+        (seconds of progress history the rate rests on)."""
+        if self.current is None:
+            return None
+        now = self.clock() if now is None else now
+        fraction, done, unit, total = self.current[2:]
+        rate, observed = self.rate(now)
+        return {"fraction": fraction, "done": done, "total": int(total), "unit": unit,
+                "label": progress_label(unit, done, total), "rate": rate,
+                "eta": progress_eta(fraction, rate), "observed": observed}
+
+
 class MetricSampler(object):
     """A bounded, evenly thinned sample of one metric over a whole run, plus the last progress.
 
     It looks at the output at most once per SAMPLE_INTERVAL, so its cost does not grow with
     the output rate."""
 
-    def __init__(self, name, clock=time.monotonic):
+    def __init__(self, name, clock=time.monotonic, checkpoint=None, wall=time.time,
+                 forecast_after=PROGRESS_WINDOW_MIN):
         self.name = name
         self.pattern = re.compile(metric_regex(name).pattern.encode("ascii"))
         self.values = []
@@ -941,6 +1387,11 @@ class MetricSampler(object):
         self.provisional = False
         self.progress_lines = {}
         self.lock = threading.Lock()  # the relay looks while the wrapper may settle at the end
+        self.tracker = ProgressTracker(clock, min_window=forecast_after)
+        self.wall = wall
+        self.checkpoint = None        # the last checkpoint the output named: name, line, at, progress
+        self.checkpoint_patterns = [re.compile(pattern) for pattern in CHECKPOINT_PATTERNS]
+        self.user_checkpoint = re.compile(checkpoint) if checkpoint else None
 
     def feed(self, chunk):
         now = self.clock()
@@ -979,8 +1430,8 @@ class MetricSampler(object):
             self.add(float(matches[0].decode("ascii")))
         if matches:
             self.add(float(matches[-1].decode("ascii")))
-        window = window[-65536:]
-        for line in clean_log_text(window[-8192:].decode("utf-8", errors="replace"))[-20:]:
+        lines = clean_log_text(window[-8192:].decode("utf-8", errors="replace"))[-20:]
+        for line in lines:
             for kind, pattern in PROGRESS_PATTERNS:
                 if re.search(pattern, strip_rank(line)):
                     self.progress_lines.pop(kind, None)
@@ -988,6 +1439,37 @@ class MetricSampler(object):
         progress = parse_progress(list(self.progress_lines.values()))
         if progress:
             self.progress = progress
+        self.tracker.feed(lines, self.clock())
+        if self.user_checkpoint:
+            for line in lines:
+                self.saw_checkpoint(line, [self.user_checkpoint])
+
+    def forecast(self):
+        """The progress tracker's snapshot (progress, rate, ETA) for the heartbeat."""
+        with self.lock:
+            return self.tracker.snapshot()
+
+    def find_checkpoint(self, data, before=b""):
+        """A chunk that may name a checkpoint (it holds a hint): the last one it names, with the
+        progress the output showed before it (before: the output that came before the chunk)."""
+        with self.lock:
+            lines = clean_log_text(data.decode("utf-8", errors="replace"))
+            earlier = clean_log_text(before.decode("utf-8", errors="replace"))[-20:] if before else []
+            for index, line in enumerate(lines):
+                if "heckpoint" in line or "HECKPOINT" in line or "aving model" in line:
+                    context = (earlier + lines[:index])[-20:]
+                    self.saw_checkpoint(line, self.checkpoint_patterns, parse_progress(context))
+
+    def saw_checkpoint(self, line, patterns, progress=None):
+        for pattern in patterns:
+            match = pattern.search(strip_rank(line))
+            if match:
+                name = (match.group(1) if match.groups() and match.group(1) else match.group(0)).strip(" '\".:")
+                snapshot = self.tracker.snapshot()
+                self.checkpoint = {"name": one_line(name or line, LINE_MAX_CHARS), "at": self.wall(),
+                                   "line": one_line(mask_secrets(line.strip()), LINE_MAX_CHARS),
+                                   "progress": progress or (snapshot["label"] if snapshot else self.progress)}
+                return
 
     def add(self, value):
         self.seen += 1
@@ -1221,10 +1703,21 @@ def check_config(config):
     if not re.match(r"^[A-Za-z_][\w./-]*$", str(config.get("report", "metric"))):
         raise ConfigError("%s: [report] metric: '%s' is not a metric name"
                           % (config.where("report", "metric"), config.get("report", "metric")))
+    check_pattern(config, "report", "checkpoint")
     language = config.get("notify", "language")
     if language not in LANGUAGES:
         raise ConfigError("%s: [notify] language: '%s' is not one of %s"
                           % (config.where("notify", "language"), language, ", ".join(LANGUAGES)))
+
+
+def check_pattern(config, section, key):
+    """A regular expression setting: it must compile (what it matches is the user's business)."""
+    pattern = str(config.get(section, key) or "")
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as error:
+        raise ConfigError("%s: [%s] %s: not a regular expression: %s" % (
+            config.where(section, key), section, key, error))
 
 
 def parse_bool(value, config, section, key):
@@ -1548,6 +2041,11 @@ RECORD_FIELDS = {
     "warnings": "texts", "job": JOB_FIELDS, "metric": {"name": "text", "values": "values"},
     "gpus": {"visible": "text", "names": "texts"}, "gpu_stats": {"interval": "index", "gpus": ("list", GPU_FIELDS)},
     "output_at": "number", "gpu_hours": "number", "cpu_hours": "number", "idle_for": "number",
+    "checkpoint": {"name": "text", "line": "text", "at": "number", "progress": "text"},
+    "checkpoint_file": {"path": "text", "mtime": "number"},
+    "forecast": {"fraction": "number", "done": "number", "total": "number", "unit": "text", "label": "text",
+                 "rate": "number", "eta": "number", "observed": "number"},
+    "late": "number", "left": "number", "stops": "text", "needed_limit": "number", "forecast_round": "index",
     "gpus_idle": "int", "gpus_total": "int", "idle_threshold": "number",
     "group": {"name": "text", "size": "index"}, "array": ARRAY_FIELDS,
 }
@@ -1941,7 +2439,6 @@ class Scheduler(object):
     client = None            # what a login node asks about a job; reminders need it on PATH
     kill_lines = ()          # (cause, pattern): what the scheduler writes into the job's output
     warning_signals = {}     # signal name -> what the scheduler means by it (see warning_cause)
-    extend_advice = None     # how a user may get more time, or None where only an admin can
     launch_check = False     # whether selftest checks how the wrapper was started (launch_warning)
 
     def detect(self, env):
@@ -1958,6 +2455,12 @@ class Scheduler(object):
     def grace(self, default, runner):
         """Seconds the wrapper may wait for the training after the scheduler's stop signal."""
         return default
+
+    def limit_advice(self, job, seconds):
+        """How a run that needs a time limit of seconds gets it, as this scheduler lets a user:
+        (kind, command) pairs; kind is user (raise it yourself), admin (only an administrator
+        may), site (where the site allows it) or resubmit (ask for it next time)."""
+        return []
 
     def outlives(self, env, parent_comm):
         """Whether the job (and its bill) may go on after the wrapper exits."""
@@ -2059,8 +2562,6 @@ class Slurm(Scheduler):
     causes = {"TIMEOUT": "time_limit", "DEADLINE": "time_limit", "OUT_OF_MEMORY": "oom",
               "NODE_FAIL": "node_fail", "BOOT_FAIL": "node_fail", "CANCELLED": "cancelled",
               "PREEMPTED": "preempted"}
-    extend_advice = ("a running job's limit can only be lowered by you; ask the administrators to "
-                     "raise it, or resubmit with a longer --time")
 
     def detect(self, env):
         if not env.get("SLURM_JOB_ID"):
@@ -2090,6 +2591,12 @@ class Slurm(Scheduler):
         job["output_file"] = fields.get("StdOut")
         if fields.get("Command") not in (None, "(null)"):
             job["script"] = fields["Command"]
+
+    def limit_advice(self, job, seconds):
+        """A user can lower a running job's limit, never raise it (scontrol.1)."""
+        limit = "%d-%s" % (seconds // 86400, clock_text(seconds % 86400)) if seconds >= 86400 else clock_text(seconds)
+        return [("admin", "scontrol update JobId=%s TimeLimit=%s" % (job["id"], limit)),
+                ("resubmit", "sbatch --time=%s" % limit)]
 
     def follow_end(self, job, runner):
         # Only a running job's EndTime is its limit; once it is cancelled it is the cancel time.
@@ -2163,7 +2670,6 @@ class PBS(Scheduler):
         ("time_limit", r"=>> PBS: job killed: (?:walltime|cput) .* exceeded limit"),
         ("host_oom", r"=>> PBS: job killed: v?mem .* exceeded limit"),
     )
-    extend_advice = "you can only lower a running job's walltime; resubmit with a longer -l walltime"
 
     def detect(self, env):
         if not env.get("PBS_JOBID"):
@@ -2195,6 +2701,11 @@ class PBS(Scheduler):
         return ["qsub -J %d-%d %s" % (first, last, shlex.quote(target)) if first < last else
                 "qsub -v PBS_ARRAY_INDEX=%d %s" % (first, shlex.quote(target))
                 for first, last in contiguous_ranges(indices)]
+
+    def limit_advice(self, job, seconds):
+        """A user can only lower a running job's walltime (qalter.1B)."""
+        return [("admin", "qalter -l walltime=%s %s" % (clock_text(seconds), job["id"])),
+                ("resubmit", "qsub -l walltime=%s" % clock_text(seconds))]
 
     def add_facts(self, job, start_time, env, runner):
         walltime = env.get("PBS_WALLTIME")
@@ -2244,6 +2755,12 @@ class LSF(Scheduler):
                                    env.get("LSB_JOBINDEX_STEP")))
         return job
 
+    def limit_advice(self, job, seconds):
+        """bmod -W on a running job needs LSB_MOD_ALL_JOBS=Y on the site (lsf.conf)."""
+        minutes = int(-(-seconds // 60))
+        return [("site", "bmod -W %d %s" % (minutes, job["id"])),
+                ("resubmit", "bsub -W %d:%02d" % (minutes // 60, minutes % 60))]
+
     def add_facts(self, job, start_time, env, runner):
         job["output_file"] = env.get("LSB_OUTPUTFILE")
 
@@ -2290,6 +2807,10 @@ class GridEngine(Scheduler):
         job.update(array_facts(env["JOB_ID"], env.get("SGE_TASK_ID"), env.get("SGE_TASK_FIRST"),
                                env.get("SGE_TASK_LAST"), env.get("SGE_TASK_STEPSIZE")))
         return job
+
+    def limit_advice(self, job, seconds):
+        """Whether qalter changes a running task's h_rt is not documented: ask for it next time."""
+        return [("resubmit", "qsub -l h_rt=%s" % clock_text(seconds))]
 
     def add_facts(self, job, start_time, env, runner):
         """h_rt (the hard limit, the kill) from `qstat -j`; its end counts from the wrapper's start."""
@@ -2565,10 +3086,12 @@ class Relay(threading.Thread):
             chunk = view[:size]
             self.bytes += size
             self.output_at = time.time()
-            self.recent = (self.recent + chunk[-RECENT_BYTES:])[-RECENT_BYTES:]
+            before, self.recent = self.recent, (self.recent + chunk[-RECENT_BYTES:])[-RECENT_BYTES:]
             self.write_out(chunk)
             self.write_log(chunk)
             self.sampler.feed(chunk)
+            if any(buffer.find(hint, 0, size) >= 0 for hint in CHECKPOINT_HINTS):
+                self.sampler.find_checkpoint(bytes(chunk), before)
         self.sampler.flush()
 
     def write_out(self, chunk):
@@ -2723,7 +3246,10 @@ class Wrapper(object):
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.forward = set(signal_number(name) for name in (args.forward_signal or []))
-        self.sampler = MetricSampler(config.get("report", "metric"))
+        self.sampler = MetricSampler(config.get("report", "metric"), checkpoint=config.get("report", "checkpoint"),
+                                     forecast_after=config.get("monitor", "forecast_after"))
+        self.checkpoint_file = None
+        self.rechecked_at = None   # when a run forecast to miss its limit last asked its scheduler
         self.peak_rss = 0
         self.gpu_tokens = job_gpu_tokens(env)
         self.gpu_sampler = GpuSampler(self.gpu_tokens, config.get("gpu", "sample_interval"),
@@ -2800,6 +3326,7 @@ class Wrapper(object):
                 "names": [gpu["name"] for gpu in (gpu_stats or {}).get("gpus", [])]} if self.gpu_tokens else None
         return {"progress": self.sampler.progress, "peak_rss": self.peak_rss or None, "gpus": gpus,
                 "gpu_stats": gpu_stats, "output_at": self.relay.output_at if self.relay else None,
+                "checkpoint": self.sampler.checkpoint, "forecast": self.sampler.forecast(),
                 "metric": {"name": self.sampler.name, "values": list(self.sampler.values)}
                 if self.sampler.values else None}
 
@@ -2845,14 +3372,29 @@ class Wrapper(object):
         """A job's time limit can be raised while it runs (Slurm: scontrol update). From just
         before the time-limit warning on, ask the scheduler again each heartbeat, so that the
         warning, status and the time-limit cause follow a new end (about 12 calls a job with the
-        defaults)."""
+        defaults). A run forecast to miss its limit is asked about every few minutes, so that a
+        limit raised early is seen."""
         job = self.job
-        if not job or not job.get("end_time") or self.signals or job["end_time"] - self.now() > recheck_before:
+        if not job or not job.get("end_time") or self.signals:
+            return
+        left = job["end_time"] - self.now()
+        if left > recheck_before and not self.behind_recheck_due(left):
             return
         followed = self.scheduler.follow_end(job, self.runner)
         if followed and not self.signals:
             with self.lock:
                 job["end_time"], job["time_limit"] = followed
+
+    def behind_recheck_due(self, left):
+        snapshot = self.sampler.forecast()
+        if not snapshot or snapshot.get("eta") is None or \
+                snapshot["eta"] <= left - self.config.get("notify", "time_limit_margin"):
+            return False
+        every = max(self.config.get("wrap", "heartbeat_interval"), min(300.0, self.config.get("monitor", "forecast_after")))
+        if self.rechecked_at is not None and time.monotonic() - self.rechecked_at < every:
+            return False
+        self.rechecked_at = time.monotonic()
+        return True
 
     def on_signal(self, number, frame):
         name = signal_name(number)
@@ -2933,6 +3475,8 @@ class Wrapper(object):
             record["wrapper_cpu"] = own_cpu_seconds()
             record["wrapper_cpu_while_running"] = self.cpu_while_running
         record.update(self.observations())
+        if final and self.checkpoint_file:
+            record["checkpoint_file"] = self.checkpoint_file
         if self.relay and self.relay.log_error:
             record["log_error"] = self.relay.log_error
         if self.warnings:
@@ -2951,6 +3495,7 @@ class Wrapper(object):
         looks are a second apart, and its last one may not have come yet (an orphan holds the
         pipe). A log that could not be written fully is not trusted over the relay's look."""
         self.sampler.flush()
+        self.checkpoint_file = newest_checkpoint_file(self.work_dir, self.start_time)
         if self.relay and self.relay.log_error:
             return
         try:
@@ -3152,6 +3697,45 @@ def tree_rss(pid):
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def newest_checkpoint_file(work_dir, since, limits=CHECKPOINT_SEARCH, clock=time.monotonic):
+    """The newest checkpoint the run wrote under its work dir (HF checkpoint-<step>/, DeepSpeed
+    global_step<N>/, *.ckpt, *.pt, *.pth, *.safetensors modified after since): {path relative
+    to the work dir, mtime}, or None. Breadth first, bounded in depth, entries and time; links
+    are not followed; hidden dirs are skipped."""
+    depth_max, entries_max, seconds = limits
+    deadline, seen, best = clock() + seconds, 0, None
+    level = [(work_dir, 0)]
+    while level and seen < entries_max and clock() < deadline:
+        directory, depth = level.pop(0)
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries[:entries_max - seen]:
+            seen += 1
+            best = newer_checkpoint(entry, since, best)
+            if depth + 1 < depth_max and not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                level.append((entry.path, depth + 1))
+    return {"path": os.path.relpath(best[1], work_dir), "mtime": best[0]} if best else None
+
+
+def newer_checkpoint(entry, since, best):
+    """(mtime, path) of entry when it is a checkpoint newer than since and than best, else best."""
+    if not re.search(CHECKPOINT_FILE_RE, entry.name) or entry.is_symlink():
+        return best
+    try:
+        mtime = entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return best
+    return (mtime, entry.path) if mtime >= since and (best is None or mtime > best[0]) else best
+
+
+def clock_text(seconds):
+    """HH:MM:SS (hours past 24 kept), as schedulers take a time limit."""
+    seconds = int(max(0, seconds))
+    return "%02d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
 
 
 def own_cpu_seconds():
@@ -3595,7 +4179,7 @@ TRUSTED_CAUSES = ("time_limit", "oom", "cancelled", "preempted", "interrupted", 
                   "cpu_limit", "start_failed")
 TEMPLATE_FIELDS = ("name", "status", "cause", "label", "duration", "exit_code", "signal", "host", "job_id",
                    "progress", "metric", "work_dir", "log_file", "command", "start", "end", "run_id",
-                   "peak_memory", "gpus")
+                   "peak_memory", "gpus", "cost", "eta", "checkpoint")
 
 
 def one_line(text, limit):
@@ -3809,6 +4393,66 @@ def gpu_summary(gpus):
     return text or None
 
 
+def forecast_of(record):
+    forecast = record.get("forecast")
+    return forecast if isinstance(forecast, dict) else {}
+
+
+def format_rate(forecast, messages):
+    """12.5 epochs/h, 3.2 steps/s: the forecast's rate in the unit the training counts in."""
+    if not forecast.get("rate") or not forecast.get("total"):
+        return "?"
+    per_second = forecast["rate"] * forecast["total"]
+    unit = forecast.get("unit") or "it"
+    if per_second >= 1:
+        return messages["rate_per_second"].format(n="%.3g" % per_second, unit=unit)
+    return messages["rate_per_hour"].format(n="%.3g" % (per_second * 3600), unit=unit)
+
+
+def deadline(record):
+    """(seconds the run still needs, seconds the job has left), as of the record's heartbeat;
+    None where the rate or the time limit is unknown."""
+    forecast, job = forecast_of(record), record.get("job") or {}
+    at = record.get("written_at") or record.get("last_heartbeat")
+    if forecast.get("eta") is None or not job.get("end_time") or not at:
+        return None
+    return forecast["eta"], job["end_time"] - at
+
+
+def eta_text(record, messages):
+    """3h10m more (12.5 epochs/h), does not finish before the limit: short by 1h20m"""
+    forecast = forecast_of(record)
+    if forecast.get("eta") is None:
+        return None
+    times = deadline(record)
+    if times is None:
+        verdict = messages["eta_no_limit"]
+    elif times[0] <= times[1]:
+        verdict = messages["eta_in_time"].format(spare=format_duration(times[1] - times[0]))
+    else:
+        verdict = messages["eta_late"].format(late=format_duration(times[0] - times[1]))
+    return messages["eta_text"].format(eta=format_duration(forecast["eta"]), rate=format_rate(forecast, messages),
+                                       verdict=verdict)
+
+
+def checkpoint_text(record, messages):
+    """out/checkpoint-12000 (epoch 55), 12m00s before the end: the newer of the last checkpoint
+    the log named and the newest checkpoint file the run wrote."""
+    seen = record.get("checkpoint") if isinstance(record.get("checkpoint"), dict) else {}
+    found = record.get("checkpoint_file") if isinstance(record.get("checkpoint_file"), dict) else {}
+    if found.get("mtime") and (not seen.get("at") or found["mtime"] > seen["at"] + 60):
+        seen = {"name": found.get("path"), "at": found["mtime"]}
+    if not seen.get("name") or not seen.get("at"):
+        return None
+    progress = " (%s)" % seen["progress"] if seen.get("progress") else ""
+    if record.get("status") in STATUSES and record.get("end_time"):
+        return messages["checkpoint_text"].format(name=seen["name"], progress=progress,
+                                                  age=format_duration(max(0, record["end_time"] - seen["at"])))
+    at = record.get("last_heartbeat") or record.get("written_at") or seen["at"]
+    return messages["checkpoint_running"].format(name=seen["name"], progress=progress,
+                                                 age=format_duration(max(0, at - seen["at"])))
+
+
 def report_fields(record, lines, messages, scheduler_lines=(), config=None):
     """Every named field a report (and a [report] template) can show."""
     duration = record.get("duration")
@@ -3840,6 +4484,10 @@ def report_fields(record, lines, messages, scheduler_lines=(), config=None):
         "gpus_idle": record.get("gpus_idle") or 0, "threshold": "%g" % (record.get("idle_threshold") or 0),
         "silence": format_duration(record.get("silence") or 0),
         "remaining": format_duration(record.get("remaining") or 0),
+        "needs": format_duration(forecast_of(record).get("eta") or 0),
+        "left": format_duration(record.get("left") or 0), "stops": record.get("stops") or "",
+        "rate": format_rate(forecast_of(record), messages),
+        "eta": eta_text(record, messages) or "", "checkpoint": checkpoint_text(record, messages) or "",
         "since": format_duration(record.get("since") or 0),
         "release": record.get("release") or job.get("release") or "?",
     }
@@ -3863,7 +4511,7 @@ def build_report(record, config, work_dir, uid=None):
         title = messages["test_prefix"] + title
     header, header_note = fill_report_template(config, "header_template", fields)
     header = header.splitlines() if header else \
-        report_header(record, messages, status, fields, [note for note in (title_note, header_note) if note])
+        report_header(record, messages, status, fields, [note for note in (title_note, header_note) if note], config)
     author = record.get("author_uid")
     if author is not None and author != (os.geteuid() if uid is None else uid):
         header.append(messages["foreign_author"].format(user=user_label(author)))
@@ -3987,16 +4635,18 @@ def report_title(status, fields, messages):
     return " · ".join([title] + [extra for extra in extras if extra])
 
 
-def report_header(record, messages, status, fields, notes=()):
+def report_header(record, messages, status, fields, notes=(), config=None):
     """The lines that always survive: the cause first, then what happened, to what, where,
     then the notes (a [report] template that did not fit among them)."""
-    header = ["%s: %s" % (messages[key], value) for key, value in header_rows(record, messages, status, fields)
+    header = ["%s: %s" % (messages[key], value) for key, value in header_rows(record, messages, status, fields, config)
               if value not in (None, "")]
     job = record.get("job") or None
     if record.get("final") is False:
         header.append(messages["provisional"])
     if status == "stalled" and nccl_hang_suspected(record.get("gpu_stats")):
         header.append(messages["nccl_hang"])
+    if status in STATUSES and fields["cause"] == "time_limit" and not fields["checkpoint"]:
+        header.append(messages["no_checkpoint"])
     if status in STATUSES and job and job.get("outlives") and job.get("release"):
         header.append(messages["outlives"].format(release=job["release"]))
     log_error = record.get("log_error")
@@ -4008,7 +4658,7 @@ def report_header(record, messages, status, fields, notes=()):
     return header + [str(note) for note in notes if note]
 
 
-def header_rows(record, messages, status, fields):
+def header_rows(record, messages, status, fields, config=None):
     """(message key, value) of each header line, in the order a reader wants them."""
     job = record.get("job") or None
     cause = fields["cause"]
@@ -4031,7 +4681,11 @@ def header_rows(record, messages, status, fields):
         ("field_gpu_state", gpu_state(record.get("gpu_stats")) if status in ("stalled", "lost") else None),
         ("field_last_output", last_output(record, fields, messages) if status.startswith("gpu_") else None),
         ("field_cancel", cancel_command(record) if status.startswith("gpu_") else None),
-        ("field_cost", fields["cost"]),
+        ("field_cost", fields["cost"] if status != "deadline_forecast" else None),
+        ("field_eta", fields["eta"] if status in RUNNING_REPORTS else None),
+        ("field_checkpoint", fields["checkpoint"] if status in STATUSES + RUNNING_REPORTS else None),
+    ] + [("field_advice", line) for line in advice_lines(record, messages)] + [
+        ("field_cost_forecast", cost_forecast(record, config, messages) if status == "deadline_forecast" else None),
         ("field_memory", fields["peak_memory"]),
         ("field_scheduler", record.get("scheduler_state")),
         ("field_last_heartbeat", format_local_time(record["last_heartbeat"])
@@ -4050,6 +4704,43 @@ def header_rows(record, messages, status, fields):
         rows = rows[:2] + [row for key in first for row in rows if row[0] == key] + \
             [row for row in rows[2:] if row[0] not in first]
     return rows
+
+
+def advice_lines(record, messages):
+    """What to do about a run that will not finish: what the job's scheduler lets a user do."""
+    if record.get("status") != "deadline_forecast" or not record.get("needed_limit"):
+        return []
+    job = record.get("job") or {}
+    lines = [] if record.get("checkpoint") else [messages["advice_checkpoint"]]
+    return lines + [messages["advice_" + kind].format(command=command)
+                    for kind, command in scheduler_of(job).limit_advice(job, record["needed_limit"])]
+
+
+def cost_forecast(record, config, messages):
+    """¥180 so far, ≈ ¥310 at the end: only where [cost] has prices."""
+    times = deadline(record)
+    if config is None or times is None or not (config.get("cost", "gpu_hour") or config.get("cost", "cpu_hour")):
+        return None
+    elapsed = max(0.0, (record.get("last_heartbeat") or 0) - (record.get("start_time") or 0))
+    now, end = (cost_text(*billed_hours(record.get("job"), record.get("gpu_stats"), seconds), config=config,
+                          messages=messages) for seconds in (elapsed, elapsed + times[0]))
+    return messages["cost_forecast"].format(now=now, end=end) if now and end else None
+
+
+def stop_label(forecast, left):
+    """epoch 61/100 (61 %): where the run stands when its time is up, at its rate."""
+    fraction, label = progress_point(forecast, max(0.0, left))
+    return "%s (%d %%)" % (label, int(fraction * 100))
+
+
+def needed_limit(running, needs):
+    """The time limit (seconds) the run needs: what the job used so far and what it still
+    needs, 15 % more, rounded up to 10 minutes."""
+    job = running.get("job") or {}
+    at = running.get("written_at") or time.time()
+    started = job["end_time"] - job["time_limit"] if job.get("end_time") and job.get("time_limit") else \
+        running.get("start_time") or at
+    return -(-((at - started) + needs) * 1.15 // 600) * 600
 
 
 def cancel_command(record):
@@ -4914,7 +5605,7 @@ def event_record(running, run_id, status, author_uid, **details):
     running record, so that the report reads only what that user could read."""
     record = {key: running.get(key) for key in (
         "name", "command", "work_dir", "host", "pid", "start_time", "started", "job", "log_file", "gpus",
-        "gpu_stats", "output_at", "progress")}
+        "gpu_stats", "output_at", "progress", "forecast", "checkpoint")}
     record.update(schema=SCHEMA_VERSION, hpcrun_version=__version__, status=status, final=True,
                   run_id="%s~%s" % (run_id, status), base_run_id=run_id, author_uid=author_uid,
                   last_heartbeat=running.get("written_at"), last_line=running.get("last_line"),
@@ -5252,6 +5943,7 @@ class Watcher(object):
         elif stall_after and now - watch["size_at"] > stall_after:
             self.declare_stalled(state, run_id, running, author, now - watch["size_at"])
         self.check_gpus(state, run_id, running, author)
+        self.check_forecast(state, run_id, running, author)
 
     def check_gpus(self, state, run_id, running, author):
         """gpu_idle: every GPU of the job idle for [gpu] idle_after, once a streak and once more
@@ -5280,6 +5972,42 @@ class Watcher(object):
                            event_record(running, run_id, "gpu_unused", author, **details),
                            "GPUs unused: %s: %d of %d GPUs idle for %s" % (
                                describe_run(running), idle, total, format_duration(seconds)))
+
+    def check_forecast(self, state, run_id, running, author):
+        """deadline_forecast: at its rate the run ends after the job's time limit (less
+        time_limit_margin). Once; again only after a raised limit made it finish in time and it
+        then fell behind again (markers <run>.deadline_forecast-N, and -N-ok for in time again)."""
+        forecast, times = forecast_of(running), deadline(running)
+        if "deadline_forecast" not in self.events or times is None or \
+                (forecast.get("observed") or 0) < self.config.get("monitor", "forecast_after"):
+            return
+        needs, left = times
+        end_time = running["job"]["end_time"]
+        base = marker(run_id, "deadline_forecast")
+        sent = 0
+        while sent < FORECAST_ROUNDS and state.exists("running", "%s-%d" % (base, sent + 1)):
+            sent += 1
+        behind = needs > left - self.config.get("notify", "time_limit_margin")
+        if sent and not behind:
+            if not state.exists("running", "%s-%d-ok" % (base, sent)) and end_time != self.forecast_end(state, base, sent):
+                state.create_marker("running", "%s-%d-ok" % (base, sent), {"end_time": end_time})
+            return
+        if not behind or sent >= FORECAST_ROUNDS or (sent and not state.exists("running", "%s-%d-ok" % (base, sent))):
+            return
+        record = event_record(running, run_id, "deadline_forecast", author, left=left, forecast_round=sent + 1,
+                              stops=stop_label(forecast, left), needed_limit=needed_limit(running, needs))
+        record["run_id"] += "-%d" % (sent + 1)
+        self.emit_once(state, "running", "%s-%d" % (base, sent + 1), {"end_time": end_time}, record,
+                       "will not finish: %s: needs %s more, %s left" % (
+                           describe_run(running), format_duration(needs), format_duration(left)))
+
+    def forecast_end(self, state, base, sent):
+        """The job's end time when forecast round sent went out."""
+        try:
+            data = check_fields(state.read_json("running", "%s-%d" % (base, sent))[0], {"end_time": "number"}, base)
+        except HpcrunError:
+            return None
+        return data.get("end_time")
 
     def emit_once(self, state, sub, marker, marker_data, record, message):
         """Queue an event report once across monitors: first the report, durable, then the
@@ -6130,7 +6858,10 @@ def status_entry(state, sub, label, run_id, record, delivery, roots, now, config
             "heartbeat_age": now - record["written_at"] if sub == "running" and record.get("written_at") else None,
             "delivery_failures": delivery.get("failures", 0), "delivery_error": delivery.get("last_error"),
             "progress": record.get("progress"), "metric": metric_line(record), "array": array_key(record),
-            "gpus": gpus, "gpu_stats": gpu_stats,
+            "gpus": gpus, "gpu_stats": gpu_stats, "checkpoint": checkpoint_text(record, MESSAGES["en"]),
+            "forecast": forecast_of(record) or None, "eta": eta_text(record, MESSAGES["en"]) if sub == "running" else None,
+            "finishes_in_time": (lambda times: None if times is None else times[0] <= times[1])(deadline(record))
+            if sub == "running" else None,
             "cost": cost_text(*billed_hours(job, gpu_stats, elapsed), config=config, messages=MESSAGES["en"])}
 
 
@@ -6151,6 +6882,8 @@ def format_status_line(run):
         parts.append("%s left" % format_duration(run["time_left"]))
     if run.get("heartbeat_age") is not None:
         parts.append("heartbeat %s ago" % format_duration(run["heartbeat_age"]))
+    if run.get("eta"):
+        parts.append("ETA " + run["eta"])
     for key in ("job", "progress", "metric", "gpus", "cost"):
         if run.get(key):
             parts.append(run[key])

@@ -49,7 +49,8 @@ LAUNCH_WARNING_RE = re.compile(r"(?m)^hpcrun: warning: .*\bexec\b.*$")
 # handler, which is the same for the process but also tells who sent the signal: its marker
 # file names the sender's pid, so a test can tell the wrapper's forward from Slurm's own.
 TRAINING = '''\
-"""argv: MARKER STEPS. A line every 0.5 s for STEPS steps, then exit 0.
+"""argv: MARKER STEPS. A line every 0.5 s for STEPS steps (step i/STEPS, a checkpoint every 20
+steps, as HF Trainer logs it), then exit 0.
 
 On SIGTERM: write MARKER (JSON: the sender's pid), say so, exit 0 (a saved checkpoint).
 """
@@ -69,9 +70,11 @@ for step in range(steps):
         with open(marker + ".tmp", "w", encoding="utf-8") as stream:
             json.dump({"sender_pid": info.si_pid, "pid": os.getpid(), "time": time.time()}, stream)
         os.rename(marker + ".tmp", marker)
-        print("SIGTERM from pid %d: checkpoint saved" % info.si_pid, flush=True)
+        print("SIGTERM from pid %d: checkpoint saved to ckpt/final" % info.si_pid, flush=True)
         sys.exit(0)
-    print("step %d" % step, flush=True)
+    print("step %d/%d" % (step, steps), flush=True)
+    if step and step % 20 == 0:
+        print("Saving model checkpoint to ckpt/step-%d" % step, flush=True)
 print("training finished", flush=True)
 '''
 LONG_STEPS = 600              # 300 s: far beyond any time limit here
@@ -271,6 +274,7 @@ class SlurmTestCase(HpcrunTestCase):
             }
             for section, values in cls.config_sections.items():
                 sections.setdefault(section, {}).update(values)
+            cls.sections = sections
             cls.config = cls.box.write_config(render_ini(sections))
             cls.box.write_keys({"xxtui": {"api_key": KEY}})
             cls.submit_jobs()
@@ -312,6 +316,15 @@ class SlurmTestCase(HpcrunTestCase):
     @classmethod
     def start_monitor(cls, *work_dirs):
         args = ["monitor", "--config", cls.config, "--interval", str(MONITOR_INTERVAL)]
+        for work in work_dirs:
+            args += ["--work-dir", work]
+        monitor = BoundedMonitor(args, cls.class_env, cls.box.root, cls.box.root)
+        cls.monitors.append(monitor)
+        return monitor
+
+    @classmethod
+    def start_monitor_with(cls, config, *work_dirs):
+        args = ["monitor", "--config", config, "--interval", str(MONITOR_INTERVAL)]
         for work in work_dirs:
             args += ["--work-dir", work]
         monitor = BoundedMonitor(args, cls.class_env, cls.box.root, cls.box.root)
@@ -365,7 +378,17 @@ class SlurmTestCase(HpcrunTestCase):
         return ending_records(work, "sent")
 
     def pushes_about(self, name):
-        return [r.json for r in self.slurm_server.valid_requests if name in r.json["title"]]
+        """The pushes about a run, but its deadline forecasts (forecasts_about)."""
+        return [r.json for r in self.slurm_server.valid_requests if name in r.json["title"]
+                and not self.is_forecast(r.json)]
+
+    def forecasts_about(self, name):
+        return [r.json for r in self.slurm_server.valid_requests if name in r.json["title"]
+                and self.is_forecast(r.json)]
+
+    @staticmethod
+    def is_forecast(push):
+        return "will not finish" in push["title"]
 
     def assertTrainingGotSigtermFromWrapper(self, job, record):
         self.assertTrue(os.path.exists(job.marker),
@@ -394,6 +417,15 @@ class SlurmEndingsTest(SlurmTestCase):
                                       options=("--time=1", "--array=0-4")).submit()
         # Watching the time-limit jobs from start to end, as a monitor on a login node would.
         cls.start_monitor(cls.exec_job.work, cls.plain_job.work)
+        # A second monitor pushes the exec job's deadline forecast (issue 16): 600 steps at two
+        # a second cannot finish within the 1-minute limit.
+        sections = json.loads(json.dumps(cls.sections))
+        sections["notify"]["events"] = "end, deadline_forecast"
+        sections["monitor"]["forecast_after"] = "5"
+        # beside the class's config, so that it finds the same keys file
+        forecast = os.path.join(os.path.dirname(cls.config), "forecast.ini")
+        cls.box.write_file(forecast, render_ini(sections))
+        cls.start_monitor_with(forecast, cls.exec_job.work)
 
     def test_exec_wrapped_job_killed_at_its_time_limit_is_reported_once_terminated_by_time_limit(self):
         job = self.exec_job
@@ -428,6 +460,25 @@ class SlurmEndingsTest(SlurmTestCase):
             self.assertEqual([p["title"] for p in pushes], [last["title"]],
                              "one end, one report (provisional and final record both pushed?)")
         self.assertServerClean()
+
+    def test_exec_job_gets_its_deadline_forecast_before_the_limit_and_its_end_names_the_last_checkpoint(self):
+        job = self.exec_job
+        self.focus = [job]
+        self.wait_for_job_end(job)
+        self.wait_for_endings_delivered(job.work)
+        self.wait_until("the end report of tl-exec", lambda: self.pushes_about("tl-exec"), DELIVERY_WAIT)
+        forecasts = self.forecasts_about("tl-exec")
+        self.assertEqual(len(forecasts), 1, [p["title"] for p in forecasts])
+        titles = [r.json["title"] for r in self.slurm_server.valid_requests if "tl-exec" in r.json["title"]]
+        self.assertLess(titles.index(forecasts[0]["title"]), titles.index(self.pushes_about("tl-exec")[-1]["title"]),
+                        "the forecast came after the end")
+        self.assertRegex(forecasts[0]["title"], r"^⏳ tl-exec will not finish: needs ≈ \S+ more, \S+ left → "
+                                                r"stops near step \d+/600 \(\d+ %\)$")
+        self.assertIn("scontrol update JobId=%s TimeLimit=" % job.id, forecasts[0]["content"])
+        self.assertIn("sbatch --time=", forecasts[0]["content"])
+        end = self.pushes_about("tl-exec")[-1]["content"]
+        self.assertRegex(end, r"Last checkpoint: ckpt/final \(step \d+/600\), \d+s before the end")
+        self.assertNotIn("the whole run is lost", end)
 
     def test_wrap_without_exec_killed_silently_at_the_time_limit_is_reported_lost_with_timeout(self):
         job = self.plain_job
