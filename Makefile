@@ -1,10 +1,13 @@
 # hpcrun: tests, lint and a demo.  `make help` lists the targets.
 #
-# Conventions for the test suite:
-#   make test      runs every test with $(PYTHON), the real-Slurm tests included when a
-#                  Slurm is up (they skip themselves otherwise).
-#   make test-all  runs the suite once per CPython 3.6-3.13 found, with HPCRUN_SKIP_SLURM=1
-#                  so the slow real-Slurm tests run only in `make test`, not per interpreter.
+# Conventions for the test suite (tests/run.py; each tests/test_*.py says its LAYER: fast,
+# process or scheduler):
+#   make test      runs every test with $(PYTHON), the real-scheduler tests included when a
+#                  Slurm or Grid Engine is up (they skip themselves otherwise).
+#   make test-all  runs every CPython 3.6-3.13 found, all at once: the whole suite on the oldest
+#                  and the newest (FULL_MINORS), the fast layer on the others ($(PYTHON)'s whole
+#                  run is make test's), without the real-scheduler tests (HPCRUN_SKIP_SLURM=1,
+#                  HPCRUN_SKIP_SGE=1: they run once, in make test).
 
 PYTHON ?= python3
 DEMO_LANGUAGE ?= zh
@@ -16,17 +19,20 @@ MINOR_VERSIONS := 6 7 8 9 10 11 12 13
 find_python = $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/3.$(1).*/bin/python3.$(1)))),$(shell command -v python3.$(1) 2>/dev/null))
 PYTHONS = $(foreach minor,$(MINOR_VERSIONS),$(call find_python,$(minor)))
 OLDEST_PYTHON = $(firstword $(PYTHONS))
+FULL_MINORS := 6 13
+TEST_ALL_JOBS ?= 2
 
 # tests/run.py runs the test modules a few at a time, each in its own process.
 RUN_TESTS := tests/run.py
 PYTHON_FILES = hpcrun.py $(wildcard tests/*.py tests/*/*.py examples/*.py)
-SHELL_FILES = $(wildcard hpcrun.sh examples/*.sh .ci/run tests/slurm/*.sh)
+SHELL_FILES = $(wildcard hpcrun.sh examples/*.sh .ci/run tests/slurm/*.sh tests/sge/*.sh)
 
 .PHONY: help test test-all lint demo bench clean
 
 help:
-	@echo "make test      run the tests with $(PYTHON) (real-Slurm tests too if Slurm is up)"
-	@echo "make test-all  run the tests with every CPython 3.6-3.13 found (no real-Slurm tests)"
+	@echo "make test      run the tests with $(PYTHON) (real-scheduler tests too if Slurm or SGE is up)"
+	@echo "make test-all  run the tests with every CPython 3.6-3.13 found, at once: all of them on"
+	@echo "               3.6 and 3.13, the fast layer on the others (no real-scheduler tests)"
 	@echo "make lint      compile with the oldest Python, bash -n and shellcheck the scripts"
 	@echo "make demo      wrap the demo training and report it on the console (no account needed;"
 	@echo "               DEMO_LANGUAGE=en for English reports)"
@@ -36,23 +42,31 @@ help:
 test:
 	$(PYTHON) $(RUN_TESTS)
 
+# Each interpreter's output goes to a file of its own and is printed, in version order, once
+# all of them have ended; the summary names the versions that passed and failed.
 test-all:
 	@test -n "$(PYTHONS)" || { echo "test-all: no CPython 3.6-3.13 found" >&2; exit 1; }
-	@passed=""; failed=""; \
+	@dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
 	for py in $(PYTHONS); do \
-	    version=$$("$$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])') \
-	        || { failed="$$failed $$py"; continue; }; \
-	    echo ">>> test-all: Python $$version ($$py)"; \
-	    if HPCRUN_SKIP_SLURM=1 "$$py" $(RUN_TESTS); then \
-	        passed="$$passed $$version"; \
-	    else \
-	        failed="$$failed $$version"; \
-	    fi; \
+	    minor=$$("$$py" -c 'import sys; print(sys.version_info[1])' 2>/dev/null) || continue; \
+	    case " $(FULL_MINORS) " in *" $$minor "*) layer=""; what=all;; \
+	        *) layer="--layer fast"; what=fast;; esac; \
+	    "$$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' >"$$dir/$$minor.version"; \
+	    echo "$$what" >"$$dir/$$minor.what"; echo "$$py" >"$$dir/$$minor.python"; \
+	    { HPCRUN_SKIP_SLURM=1 HPCRUN_SKIP_SGE=1 "$$py" $(RUN_TESTS) -j $(TEST_ALL_JOBS) $$layer \
+	          >"$$dir/$$minor.out" 2>&1; echo $$? >"$$dir/$$minor.status"; } & \
+	done; \
+	wait; \
+	passed=""; failed=""; \
+	for minor in $(MINOR_VERSIONS); do \
+	    if [ ! -f "$$dir/$$minor.version" ]; then echo "test-all: not found: 3.$$minor"; continue; fi; \
+	    version="$$(cat "$$dir/$$minor.version") ($$(cat "$$dir/$$minor.what"))"; \
+	    echo ">>> test-all: Python $$version, $$(cat "$$dir/$$minor.python")"; \
+	    cat "$$dir/$$minor.out"; \
+	    if [ "$$(cat "$$dir/$$minor.status")" = 0 ]; then passed="$$passed $$version"; \
+	    else failed="$$failed $$version"; fi; \
 	done; \
 	echo "test-all: passed on:$${passed:- none}"; \
-	for minor in $(MINOR_VERSIONS); do \
-	    case " $$passed $$failed " in *" 3.$$minor."*) ;; *) echo "test-all: not found: 3.$$minor";; esac; \
-	done; \
 	if [ -n "$$failed" ]; then echo "test-all: FAILED on:$$failed" >&2; exit 1; fi
 
 lint:

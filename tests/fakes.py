@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.parse
 
-from support import FakeXxtui, Reply, _Handler, _HttpServer
+from support import FakeServer, Reply
 
 
 # --- a generic fake HTTP service ---
@@ -29,64 +29,33 @@ ServiceRequest = collections.namedtuple(
     "ServiceRequest", "method path query raw_query headers body json form proxied_host problems")
 
 
-class FakeService(FakeXxtui):
+class FakeService(FakeServer):
     """A push service on 127.0.0.1 (HTTPS when given a TLS context).
 
     check(request) returns the problems of one request; valid requests get the next queued
     Reply or the service's success answer, invalid ones a 400 naming the problems."""
 
     def __init__(self, name, check, success, tls_context=None):
-        FakeXxtui.__init__(self, key=None)
+        FakeServer.__init__(self, tls_context)
         self.name = name
         self.check_request = check
         self.success = success
-        self.tls_context = tls_context
 
-    def start(self):
-        self._httpd = _HttpServer(("127.0.0.1", 0), _Handler)
-        if self.tls_context is not None:
-            self._httpd.socket = self.tls_context.wrap_socket(self._httpd.socket, server_side=True)
-        self._httpd.fake = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05})
-        self._thread.daemon = True
-        self._thread.start()
-        return self
+    def parse_request(self, method, path, headers, body):
+        request = self.parse(method, path, headers, body)
+        return request._replace(problems=list(request.problems) + self.check_request(request))
 
-    @property
-    def base(self):
-        scheme = "https" if self.tls_context is not None else "http"
-        host = "localhost" if self.tls_context is not None else "127.0.0.1"
-        return "%s://%s:%d" % (scheme, host, self.port)
+    def ok_reply(self):
+        return self.success()
 
-    def describe(self):
-        with self._condition:
-            lines = ["fake %s got %d request(s), errors %r" % (self.name, len(self.requests),
-                                                                self.errors)]
-            for request in self.requests:
-                shown = request.json if request.json is not None else (
-                    request.form if request.form is not None else request.body[:3000])
-                lines.append("  %s %s?%s %r problems=%r" % (request.method, request.path,
-                                                            request.raw_query, shown,
-                                                            request.problems))
-        return "\n".join(lines)
+    def refusal_reply(self, problems):
+        return Reply.json({"fake": self.name, "problems": problems}, 400)
 
-    def handle(self, handler):
-        arrived = time.monotonic()
-        body = self._read_body(handler)
-        request = self.parse(handler.command, handler.path, handler.headers, body)
-        problems = list(request.problems) + self.check_request(request)
-        request = request._replace(problems=problems)
-        with self._condition:
-            number = len(self.requests) + 1
-            self.requests.append(request)
-            self.request_times.append(arrived)
-            self.errors.extend("request %d: %s" % (number, p) for p in problems)
-            reply = self._replies.popleft() if not problems and self._replies else None
-            self._condition.notify_all()
-        if problems:
-            reply = Reply.json({"fake": self.name, "problems": problems}, 400)
-        self._answer(handler, reply or self.success())
+    def describe_request(self, request):
+        shown = request.json if request.json is not None else (
+            request.form if request.form is not None else request.body[:3000])
+        return "  %s %s?%s %r problems=%r" % (request.method, request.path, request.raw_query,
+                                              shown, request.problems)
 
     @staticmethod
     def parse(method, path, headers, body):

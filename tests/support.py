@@ -1,12 +1,25 @@
-"""Shared test support: a fake xxtui server, a sealed environment, running hpcrun.py.
+"""Shared test support: the fake push servers, a sealed environment, running hpcrun.
 
 Python 3.6+, standard library only. Nothing here talks to anything but 127.0.0.1.
+
+hpcrun runs two ways, one per layer (each test module says which with LAYER):
+
+- the fast layer calls hpcrun.main([...]) in this process (run_in_process, InProcess),
+  and pure functions and hpcrun.Monitor directly (load_hpcrun, FakeClock, MonitorTime);
+- the process layer runs the real hpcrun.py with subprocess (run_hpcrun, Background).
+
+Both use the file under test: HPCRUN_TEST_SCRIPT, else the repository's hpcrun.py. After
+`import support`, `import hpcrun` anywhere loads that file too.
 """
 
 import collections
+import contextlib
 import errno
 import hashlib
 import http.server
+import importlib.abc
+import importlib.util
+import io
 import json
 import os
 import re
@@ -21,15 +34,47 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 import unittest
 import urllib.parse
+from unittest import mock
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The file under test; HPCRUN_TEST_SCRIPT points the subprocess tests at another copy.
+# The file under test; HPCRUN_TEST_SCRIPT points the tests at another copy.
 HPCRUN = os.path.abspath(os.environ.get("HPCRUN_TEST_SCRIPT") or os.path.join(REPO, "hpcrun.py"))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+
+
+class _UnderTestFinder(importlib.abc.MetaPathFinder):
+    """`import hpcrun` loads HPCRUN, whatever sys.path holds."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "hpcrun":
+            return importlib.util.spec_from_file_location("hpcrun", HPCRUN)
+        return None
+
+
+if not any(isinstance(finder, _UnderTestFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _UnderTestFinder())
+
+_COPIES = {}
+
+
+def load_hpcrun(script=HPCRUN):
+    """hpcrun imported in this process: the file under test, or a copy of it at `script` (a
+    module of its own, e.g. to find the config beside it)."""
+    script = os.path.abspath(script)
+    if script == HPCRUN:
+        import hpcrun
+        return hpcrun
+    if script not in _COPIES:
+        name = "hpcrun_copy_%s" % hashlib.sha256(script.encode("utf-8")).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(name, script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _COPIES[script] = module
+    return _COPIES[script]
+
 
 # A key that cannot turn up in any output by accident.
 KEY = "xk7Q2TESTKEYm9Zp4v8W"
@@ -39,6 +84,39 @@ ISO_LINE_RE = re.compile(
 RECORD_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
 # How an English title may say at a glance that a run succeeded.
 SUCCESS_WORDS = r"(?i)succe|finished|complete|done|\bok\b|\u2705"
+# What an English report's title says it is, by kind: the first match wins. The one table of
+# every test module; each title hpcrun writes reads as one kind (recovered before lost: a lost
+# run's heartbeat came back; terminated and killed before cancelled, the label they may carry).
+REPORT_KINDS = (
+    ("gpu_idle", r"GPUs idle"),
+    ("gpu_unused", r"GPUs unused"),
+    ("deadline_forecast", r"will not finish"),
+    ("test", r"^\[test\]"),
+    ("reminder", r"(?i)still billed|scancel"),
+    ("warning", r"(?i)time limit near"),
+    ("time_limit", r"(?i)time limit"),
+    ("start", r"(?i)\bstarted\b"),
+    ("recovered", r"(?i)heartbeat back|recover"),
+    ("resumed", r"(?i)resum"),
+    ("stalled", r"(?i)stall"),
+    ("lost", r"(?i)\blost\b"),
+    ("terminated", r"(?i)terminat"),
+    ("killed", r"(?i)\bkill"),
+    ("cancelled", r"(?i)cancel"),
+    ("unknown", r"(?i)unreadable|unknown"),
+    ("failed", r"(?i)\bfail"),
+    ("success", SUCCESS_WORDS),
+)
+
+
+def report_kind(title):
+    """The kind of report a title says it is ("other" when none)."""
+    for kind, pattern in REPORT_KINDS:
+        if re.search(pattern, title):
+            return kind
+    return "other"
+
+
 ALLOWED_FIELDS = {"title", "content", "from", "channel"}
 SCHEDULER_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "PBS_", "LSB_", "LSF_", "SGE_")
 SCHEDULER_NAMES = ("JOB_ID", "JOB_NAME", "SGE_TASK_ID", "LSB_JOBID", "PBS_JOBID",
@@ -90,10 +168,10 @@ def refused_port():
         sock.close()
 
 
-# --- the fake xxtui service ---
+# --- the fake push services: one base, FakeXxtui here, the others in fakes.py ---
 
 class Reply(object):
-    """One scripted answer of FakeXxtui to a valid request."""
+    """One scripted answer of a fake server to a valid request."""
 
     def __init__(self, kind, status=200, body=b"", content_type="application/json",
                  seconds=0.0, location=None, headers=()):
@@ -176,16 +254,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_POST
 
 
-class FakeXxtui(object):
-    """An xxtui stand-in on 127.0.0.1 that checks each request as notify-apis.md §2 says.
+class FakeServer(object):
+    """A push service stand-in on 127.0.0.1 (HTTPS when given a TLS context), the base of every
+    fake service (FakeXxtui here, fakes.FakeService for the others).
 
-    `requests` holds every request (valid or not), `errors` every validation failure.
-    Valid requests get the next queued Reply, or 200 {"code":0,"msg":"ok"} when none is queued;
-    invalid ones get 400 and are not answered from the queue.
-    """
+    `requests` holds every request (valid or not), `errors` every problem found in one.
+    parse_request() reads a request and says its problems; a valid one gets the next queued
+    Reply, or ok_reply() when none is queued; an invalid one gets refusal_reply() and is not
+    answered from the queue."""
 
-    def __init__(self, key=KEY):
-        self.key = key
+    name = "service"
+
+    def __init__(self, tls_context=None):
+        self.tls_context = tls_context
         self.requests = []
         self.request_times = []      # time.monotonic() at the arrival of each request
         self.errors = []
@@ -195,9 +276,27 @@ class FakeXxtui(object):
         self._httpd = None
         self._thread = None
 
+    # what each service says (subclasses)
+    def parse_request(self, method, path, headers, body):
+        """The request as recorded: a namedtuple with at least json and problems."""
+        raise NotImplementedError
+
+    def ok_reply(self):
+        return Reply.ok()
+
+    def refusal_reply(self, problems):
+        return Reply.json({"code": 400, "msg": "fake %s: %s" % (self.name, "; ".join(problems))},
+                          400)
+
+    def describe_request(self, request):
+        return "  %s %s %r problems=%r" % (request.method, request.path, request.json,
+                                          request.problems)
+
     # lifecycle
     def start(self):
         self._httpd = _HttpServer(("127.0.0.1", 0), _Handler)
+        if self.tls_context is not None:
+            self._httpd.socket = self.tls_context.wrap_socket(self._httpd.socket, server_side=True)
         self._httpd.fake = self
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.05})
@@ -227,12 +326,9 @@ class FakeXxtui(object):
 
     @property
     def base(self):
+        if self.tls_context is not None:
+            return "https://localhost:%d" % self.port
         return "http://127.0.0.1:%d" % self.port
-
-    @property
-    def url(self):
-        """The `[xxtui] url` template pointing at this server."""
-        return self.base + "/xxtui/{key}"
 
     # scripting and inspection
     def queue(self, *replies):
@@ -254,32 +350,28 @@ class FakeXxtui(object):
 
     def describe(self):
         with self._condition:
-            lines = ["fake xxtui got %d request(s), errors %r" % (len(self.requests), self.errors)]
-            for request in self.requests:
-                lines.append("  %s %s %r problems=%r" % (request.method, request.path,
-                                                         request.json, request.problems))
+            lines = ["fake %s got %d request(s), errors %r" % (self.name, len(self.requests),
+                                                                self.errors)]
+            lines.extend(self.describe_request(request) for request in self.requests)
         return "\n".join(lines)
 
     # the request handler (runs in the server's threads)
     def handle(self, handler):
         arrived = time.monotonic()
         body = self._read_body(handler)
-        data, key, problems = self.check(handler.command, handler.path, handler.headers, body)
-        request = Request(handler.command, handler.path,
-                          dict((k.lower(), v) for k, v in handler.headers.items()),
-                          body, data, key, problems)
+        request = self.parse_request(handler.command, handler.path, handler.headers, body)
         with self._condition:
             number = len(self.requests) + 1
             self.requests.append(request)
             self.request_times.append(arrived)
-            self.errors.extend("request %d: %s" % (number, p) for p in problems)
+            self.errors.extend("request %d: %s" % (number, p) for p in request.problems)
             reply = None
-            if not problems and self._replies:
+            if not request.problems and self._replies:
                 reply = self._replies.popleft()
             self._condition.notify_all()
-        if problems:
-            reply = Reply.json({"code": 400, "msg": "fake xxtui: " + "; ".join(problems)}, 400)
-        self._answer(handler, reply or Reply.ok())
+        if request.problems:
+            reply = self.refusal_reply(request.problems)
+        self._answer(handler, reply or self.ok_reply())
 
     @staticmethod
     def _read_body(handler):
@@ -287,6 +379,62 @@ class FakeXxtui(object):
         if length is None or not length.strip().isdigit():
             return b""
         return handler.rfile.read(int(length))
+
+    def _answer(self, handler, reply):
+        try:
+            if reply.kind == "drop":
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if reply.kind == "hang":
+                if self._stopping.wait(reply.seconds):
+                    handler.close_connection = True
+                    return
+                reply = Reply.ok()
+            handler.send_response(reply.status)
+            if reply.kind == "redirect":
+                location = reply.location or self.base + "/moved" + handler.path
+                handler.send_header("Location", location)
+            handler.send_header("Content-Type", reply.content_type)
+            for name, value in reply.headers:
+                handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(reply.body)))
+            handler.end_headers()
+            if reply.kind == "drip":
+                handler.wfile.flush()
+                for index in range(len(reply.body)):
+                    if self._stopping.wait(reply.seconds):
+                        handler.close_connection = True
+                        return
+                    handler.wfile.write(reply.body[index:index + 1])
+                    handler.wfile.flush()
+                return
+            handler.wfile.write(reply.body)
+        except OSError:
+            pass    # the client went away (timeout tests): nothing to answer
+
+
+class FakeXxtui(FakeServer):
+    """An xxtui stand-in on 127.0.0.1 that checks each request as notify-apis.md §2 says.
+
+    Valid requests get the next queued Reply, or 200 {"code":0,"msg":"ok"} when none is
+    queued; invalid ones get 400 and are not answered from the queue."""
+
+    name = "xxtui"
+
+    def __init__(self, key=KEY):
+        FakeServer.__init__(self)
+        self.key = key
+
+    @property
+    def url(self):
+        """The `[xxtui] url` template pointing at this server."""
+        return self.base + "/xxtui/{key}"
+
+    def parse_request(self, method, path, headers, body):
+        data, key, problems = self.check(method, path, headers, body)
+        return Request(method, path, dict((k.lower(), v) for k, v in headers.items()),
+                       body, data, key, problems)
 
     def check(self, method, path, headers, body):
         """Return (parsed body, key from the path, list of problems)."""
@@ -354,39 +502,6 @@ class FakeXxtui(object):
         if "channel" in data and not isinstance(data["channel"], str):
             problems.append("channel not a string")
         return problems
-
-    def _answer(self, handler, reply):
-        try:
-            if reply.kind == "drop":
-                handler.close_connection = True
-                handler.connection.shutdown(socket.SHUT_RDWR)
-                return
-            if reply.kind == "hang":
-                if self._stopping.wait(reply.seconds):
-                    handler.close_connection = True
-                    return
-                reply = Reply.ok()
-            handler.send_response(reply.status)
-            if reply.kind == "redirect":
-                location = reply.location or self.base + "/moved" + handler.path
-                handler.send_header("Location", location)
-            handler.send_header("Content-Type", reply.content_type)
-            for name, value in reply.headers:
-                handler.send_header(name, value)
-            handler.send_header("Content-Length", str(len(reply.body)))
-            handler.end_headers()
-            if reply.kind == "drip":
-                handler.wfile.flush()
-                for index in range(len(reply.body)):
-                    if self._stopping.wait(reply.seconds):
-                        handler.close_connection = True
-                        return
-                    handler.wfile.write(reply.body[index:index + 1])
-                    handler.wfile.flush()
-                return
-            handler.wfile.write(reply.body)
-        except OSError:
-            pass    # the client went away (timeout tests): nothing to answer
 
 
 # --- a sealed environment per test ---
@@ -503,11 +618,12 @@ class Sandbox(object):
 # --- running hpcrun.py ---
 
 class Result(collections.namedtuple("Result", "returncode stdout stderr")):
-    """What a finished hpcrun.py printed (bytes) and its exit status."""
+    """What a finished hpcrun printed (bytes) and its exit status."""
 
     argv = ()
     cwd = None
     env_notes = ()
+    in_process = False
 
     @property
     def out(self):
@@ -521,17 +637,21 @@ class Result(collections.namedtuple("Result", "returncode stdout stderr")):
         def clip(text):
             return text if len(text) <= limit else "[... %d chars cut ...]\n%s" % (
                 len(text) - limit, text[-limit:])
-        command = " ".join(shlex.quote(arg) for arg in self.argv)
-        return ("\nran: (cd %s && %s%s)\nexit status: %s\n--- stdout ---\n%s\n--- stderr ---\n%s"
-                "\n--- end ---" % (shlex.quote(self.cwd or "."), "".join(
+        if self.in_process:
+            how, command = "ran in process", "hpcrun.main(%r)" % (list(self.argv[1:]),)
+        else:
+            how, command = "ran", " ".join(shlex.quote(arg) for arg in self.argv)
+        return ("\n%s: (cd %s && %s%s)\nexit status: %s\n--- stdout ---\n%s\n--- stderr ---\n%s"
+                "\n--- end ---" % (how, shlex.quote(self.cwd or "."), "".join(
                     "%s=%s " % (n, shlex.quote(v)) for n, v in self.env_notes),
                     command, self.returncode, clip(self.out), clip(self.err)))
 
 
-def _make_result(argv, cwd, env, returncode, stdout, stderr):
+def _make_result(argv, cwd, env, returncode, stdout, stderr, in_process=False):
     result = Result(returncode, stdout, stderr)
     result.argv = argv
     result.cwd = cwd
+    result.in_process = in_process
     result.env_notes = sorted((n, v) for n, v in (env or {}).items()
                               if n.startswith("HPCRUN_") or n in ("XXTUI_KEY", "HOME"))
     return result
@@ -565,6 +685,233 @@ def kill_group(proc):
     except OSError as error:
         if error.errno != errno.ESRCH:
             raise
+
+
+# --- running hpcrun.main in this process (the fast layer) ---
+
+# The signals whose handlers hpcrun sets (and restores); the in-process runner restores them too.
+HPCRUN_SIGNALS = tuple(getattr(signal, name) for name in (
+    "SIGTERM", "SIGINT", "SIGHUP", "SIGXCPU", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+# Commands that need a real process: the relay of the training's output, signals, a subreaper.
+PROCESS_COMMANDS = ("wrap", "run")
+
+
+class InProcessTimeout(BaseException):
+    """hpcrun.main in this process ran past its time (a BaseException: hpcrun catches Exception)."""
+
+
+@contextlib.contextmanager
+def process_env(env, cwd=None):
+    """This process as hpcrun in a subprocess would see it: os.environ is env and nothing else
+    (HOME, HPCRUN_HOME, PATH...), cwd the working directory; both, and the handlers of the
+    signals hpcrun handles, are restored afterwards."""
+    handlers = dict((number, signal.getsignal(number)) for number in HPCRUN_SIGNALS)
+    saved_cwd = os.getcwd()
+    try:
+        with mock.patch.dict(os.environ, env, clear=True):
+            if cwd is not None:
+                os.chdir(cwd)
+            try:
+                yield
+            finally:
+                os.chdir(saved_cwd)
+    finally:
+        for number, handler in handlers.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """InProcessTimeout in the main thread once `seconds` passed (SIGALRM; a wait in a system
+    call is cut, a long computation in C is not: what must not hang belongs to the process
+    layer, where a hang is killed)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(number, frame):
+        raise InProcessTimeout()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def exit_status(code, stderr):
+    """The exit status of a process that raised SystemExit(code)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    stderr.write("%s\n" % (code,))
+    return 1
+
+
+def run_in_process(args, env, timeout=30, cwd=None, script=HPCRUN):
+    """hpcrun.main(args) in this process; Result(returncode, stdout, stderr) as a subprocess
+    would give it: stdout and stderr captured as bytes (emit() writes to sys.stdout.buffer),
+    SystemExit turned into the exit status, an uncaught exception into a traceback on stderr
+    and status 1. Not for a wrap or run that starts a training (PROCESS_COMMANDS: the relay,
+    signal handlers, a child subreaper): InProcess refuses those; a usage error is fine."""
+    args = [str(arg) for arg in args]
+    module = load_hpcrun(script)
+    out, err = io.BytesIO(), io.BytesIO()
+    stdout = io.TextIOWrapper(out, encoding="utf-8", errors="surrogateescape", write_through=True)
+    stderr = io.TextIOWrapper(err, encoding="utf-8", errors="surrogateescape", write_through=True)
+    saved = sys.stdout, sys.stderr
+    returncode, timed_out = None, False
+    sys.stdout, sys.stderr = stdout, stderr
+    try:
+        with process_env(env, cwd), time_limit(timeout):
+            try:
+                returncode = module.main(args)
+            except SystemExit as stop:
+                returncode = exit_status(stop.code, stderr)
+            except Exception:
+                traceback.print_exc(file=stderr)
+                returncode = 1
+    except InProcessTimeout:
+        timed_out = True
+    finally:
+        stdout.flush()
+        stderr.flush()
+        sys.stdout, sys.stderr = saved
+    result = _make_result(["hpcrun.main"] + args, cwd, env, returncode, out.getvalue(),
+                          err.getvalue(), in_process=True)
+    if timed_out:
+        raise AssertionError("hpcrun did not finish within %ss%s" % (timeout, result.describe()))
+    return result
+
+
+class InProcess(object):
+    """Mixed into an HpcrunTestCase (before it): self.hpcrun(...) calls hpcrun.main([...]) in
+    this process instead of running hpcrun.py. A background hpcrun, wrap and run need a real
+    process: they fail here."""
+
+    def hpcrun(self, *args, **options):
+        if args and str(args[0]) in PROCESS_COMMANDS:
+            raise AssertionError("hpcrun %s needs a real process (the relay, signals, a child "
+                                 "subreaper): it belongs to a process-layer test" % args[0])
+        env = options.pop("env", None) or self.env
+        options.setdefault("cwd", self.sb.root)
+        result = run_in_process(args, env, **options)
+        self.results.append(result)
+        return result
+
+    def start(self, *args, **options):
+        raise AssertionError("a background hpcrun needs a real process: it belongs to a "
+                             "process-layer test")
+
+
+# --- clocks a test moves by hand ---
+
+class FakeClock(object):
+    """A clock the test moves: call it for the time, advance() moves it on."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class MonitorTime(object):
+    """The two clocks of a hpcrun.Monitor moved together: now (epoch seconds, for time limits,
+    reminders and retries) and clock (monotonic seconds, for heartbeats and output)."""
+
+    def __init__(self, epoch=None):
+        self.now = FakeClock(time.time() if epoch is None else epoch)
+        self.clock = FakeClock(1000.0)
+
+    def advance(self, seconds):
+        self.now.advance(seconds)
+        self.clock.advance(seconds)
+
+
+class TickingMonitor(object):
+    """A long-running monitor in this process, its clocks moved by the test: hpcrun.Monitor
+    built as `hpcrun monitor --work-dir ...` builds it (the config found from env, its
+    channels), polled first by start(), then once per tick() after `interval` seconds pass on
+    its clocks, as the monitor's loop does. What it logs is in `lines`; arrivals() says when,
+    on its clock, each push of a fake server arrived."""
+
+    def __init__(self, work_dirs, env, cwd=None, interval=0.25, config=None, clocks=None,
+                 marks=None):
+        self.hpcrun = load_hpcrun()
+        self.env = dict(env)
+        self.cwd = cwd
+        self.work_dirs = [os.path.abspath(work) for work in work_dirs]
+        self.interval = float(interval)
+        self.time = clocks or MonitorTime()      # a MonitorTime several monitors may share
+        self.lines = []
+        self.polls = 0
+        # (fake server, requests it had after a poll, now() then): monitors sharing clocks
+        # share these too, so that arrivals() knows every poll that may have pushed
+        self.marks = [] if marks is None else marks
+        self.servers = []
+        with process_env(self.env, cwd):
+            self.config = self.hpcrun.load_config(config, {"monitor": {"interval": self.interval}})
+            channels = self.hpcrun.resolve_channels(self.config)
+        self.monitor = self.hpcrun.Monitor(self.config, channels, self.lines.append,
+                                           now=self.time.now, clock=self.time.clock, env=self.env)
+
+    def watch(self, *servers):
+        """Note, after each poll, the pushes these fake servers got (for arrivals())."""
+        self.servers.extend(servers)
+        return self
+
+    def start(self):
+        return self.poll()
+
+    def poll(self):
+        with process_env(self.env, self.cwd):
+            counts = self.monitor.poll(self.work_dirs)
+        self.polls += 1
+        for server in self.servers:
+            self.marks.append((server, len(server.requests), self.time.now()))
+        return counts
+
+    def tick(self, count=1):
+        """`count` times: interval seconds pass on the monitor's clocks, then it polls."""
+        for _ in range(count):
+            self.time.advance(self.interval)
+            counts = self.poll()
+        return counts
+
+    def until(self, predicate, seconds):
+        """Tick until predicate() is true or `seconds` passed on the monitor's clocks; return
+        predicate's last value."""
+        value = predicate()
+        for _ in range(int(seconds / self.interval)):
+            if value:
+                break
+            self.tick()
+            value = predicate()
+        return value
+
+    def arrivals(self, server):
+        """now() of the poll that sent each request `server` got, in order."""
+        times = []
+        for watched, count, when in self.marks:
+            if watched is server:
+                times.extend([when] * (count - len(times)))
+        return times
+
+    @property
+    def log(self):
+        return "".join(line + "\n" for line in self.lines)
+
+    def result(self):
+        """What it logged, as the Result of a monitor process that ended well."""
+        return _make_result(["hpcrun.Monitor"] + ["--work-dir=" + w for w in self.work_dirs],
+                            self.cwd, self.env, 0, self.log.encode("utf-8"), b"", in_process=True)
 
 
 class Background(object):
@@ -674,7 +1021,7 @@ class HpcrunTestCase(unittest.TestCase):
         class HpcrunFailure(AssertionError):
             def __init__(self, message=""):
                 message = str(message)
-                if "\nran: (" not in message:
+                if "\nran: (" not in message and "\nran in process: (" not in message:
                     message += test.context()
                 super(HpcrunFailure, self).__init__(message)
         HpcrunFailure.__module__ = "builtins"

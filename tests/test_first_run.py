@@ -1,47 +1,26 @@
-"""What a new user meets first, and numbers a report must get right (issue 12): a command that
-cannot start, the cause line, a lost run's progress, selftest and missing keys, cron --once
-while a report waits, legacy records, short jobs and time-limit warnings, make demo."""
+"""What a new user meets first, and numbers a report must get right (issue 12), in process:
+the cause line, a lost run's progress, selftest and missing keys, legacy records, short jobs
+and time-limit warnings. A command that cannot start, cron --once while a report waits and
+make demo run the real hpcrun.py: test_first_run_e2e.py."""
 
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 import unittest
 
-from support import REPO, HpcrunTestCase, Reply, pass_time, sealed_env
+from support import HpcrunTestCase, InProcess, load_hpcrun, pass_time
 
-import hpcrun
+LAYER = "fast"
 
+hpcrun = load_hpcrun()
 
-# Words hpcrun itself would put in an English report; none may show in a Chinese one.
 ENGLISH_WORDS = r"\b(?:exit|cannot|start|empty|No such|Peak|Status|Cause|memory|log)\b"
 
 
 def chinese_config(sb, **notify):
     sections = {"notify": dict({"channels": "console", "language": "zh"}, **notify)}
     return sb.write_config(sections)
-
-
-class StartFailureTest(HpcrunTestCase):
-
-    def test_a_command_that_cannot_start_shows_no_peak_memory_and_no_english_in_chinese(self):
-        chinese_config(self.sb)
-        result = self.wrap(self.sb.path("no-such-program"), "--flag")
-        self.assertExit(result, 127)
-        _, record = self.only_record()
-        self.assertIsNone(record.get("peak_rss"), record)
-        report = self.hpcrun("monitor", "--once", "--work-dir", self.sb.work)
-        self.assertExit(report, 0)
-        text = report.out.split("\n" + "20", 1)[0]          # the report, not the monitor's log line
-        body = text.replace(self.sb.path("no-such-program"), "PROGRAM").replace(self.sb.work, "DIR")
-        body = re.sub(r"logs/train_\S+\.log", "LOG", body)
-        self.assertNotRegex(body, ENGLISH_WORDS, text)
-        self.assertNotIn("峰值内存", text)
-        self.assertIn("找不到这个程序", text)
 
 
 class CauseLineTest(unittest.TestCase):
@@ -70,7 +49,7 @@ class CauseLineTest(unittest.TestCase):
                 self.assertIn("Tried", line)
 
 
-class LostProgressTest(HpcrunTestCase):
+class LostProgressTest(InProcess, HpcrunTestCase):
 
     def test_a_lost_runs_report_shows_one_progress_the_same_as_its_last_line(self):
         self.sb.write_config({"notify": {"channels": "console", "language": "en"},
@@ -95,7 +74,7 @@ class LostProgressTest(HpcrunTestCase):
         self.assertNotIn("step 120", result.out)
 
 
-class SelftestAndKeysTest(HpcrunTestCase):
+class SelftestAndKeysTest(InProcess, HpcrunTestCase):
 
     def test_selftest_fails_its_config_step_when_only_the_console_would_get_reports(self):
         for label, config in (("no channel", {"notify": {"language": "en"}}),
@@ -120,26 +99,7 @@ class SelftestAndKeysTest(HpcrunTestCase):
                 self.assertIn("found, no such key" if exists else "not found", line)
 
 
-class WaitingReportTest(HpcrunTestCase):
-
-    def test_monitor_once_names_each_report_waiting_for_its_retry(self):
-        server = self.start_server()
-        self.configure_xxtui(server)
-        server.queue(Reply.json({"code": 500, "msg": "system busy"}, 502))
-        self.assertExit(self.wrap("echo done", extra=["--name", "waiting-run"]), 0)
-        first = self.hpcrun("monitor", "--once", "--work-dir", self.sb.work)
-        self.assertExit(first, 1)
-        again = self.hpcrun("monitor", "--once", "--work-dir", self.sb.work)
-        self.assertExit(again, 1)
-        line = self.assertTimestampedLine(again.out, "waiting")
-        self.assertIn("waiting-run", line)
-        self.assertIn("via xxtui", line)
-        self.assertRegex(line, r"retry in \d+m\d+s|retry in \d+s")
-        self.assertIn("502", line)
-        self.assertEqual(len(server.requests), 1)
-
-
-class LegacyRecordTest(HpcrunTestCase):
+class LegacyRecordTest(InProcess, HpcrunTestCase):
 
     def test_a_legacy_record_in_a_dir_hpcrun_never_wrapped_is_reported_without_errors(self):
         self.sb.write_config({"notify": {"channels": "console", "language": "en"}})
@@ -163,7 +123,7 @@ class LegacyRecordTest(HpcrunTestCase):
         self.assertNotIn("cannot save watch state", result.out)
 
 
-class ShortJobWarningTest(HpcrunTestCase):
+class ShortJobWarningTest(InProcess, HpcrunTestCase):
     """A time-limit warning only when it can still help: the margin scales to a short job's
     limit, and never in a job's first minutes."""
 
@@ -189,21 +149,6 @@ class ShortJobWarningTest(HpcrunTestCase):
         result = self.hpcrun("monitor", "--once", "--work-dir", self.sb.work)
         warned = sorted(re.findall(r"Time limit near (\S+)", result.out))
         self.assertEqual(warned, ["half-hour-end", "hour-job"], result.describe())
-
-
-class DemoTest(unittest.TestCase):
-
-    def test_make_demo_starts_with_the_demo_not_with_a_warning(self):
-        home = tempfile.mkdtemp(prefix="hpcrun-demo-")
-        self.addCleanup(shutil.rmtree, home, True)
-        env = sealed_env(os.environ, home, os.path.join(home, ".hpcrun"))
-        result = subprocess.run(["make", "-s", "demo", "PYTHON=" + sys.executable], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
-        output = result.stdout.decode("utf-8", "replace")
-        self.assertEqual(result.returncode, 0, output)
-        first = next(line for line in output.splitlines() if line.strip())
-        self.assertTrue(first.startswith("--- 1."), "first line: %r" % first)
-        self.assertNotIn("hpcrun: warning", output)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from test_operations import OperationsTestCase, report_kind, slurm_time
 
 import hpcrun
 
+LAYER = "process"
+
 # A training that prints epoch i/100 every PACE seconds (PACE read from the file `pace` at each
 # epoch, so the test can slow it down), says it saved a checkpoint at epoch 5, and stops when
 # the file `stop` appears.
@@ -42,9 +44,7 @@ class ForecastTestCase(OperationsTestCase):
         self.install_fake_slurm()
 
     def reports(self, name=None):
-        def kind(title):
-            return "deadline_forecast" if "will not finish" in title else report_kind(title)
-        return [(kind(body["title"]), body) for body in self.server.bodies
+        return [(report_kind(body["title"]), body) for body in self.server.bodies
                 if name is None or name in body["title"]]
 
     def set_job(self, job_id, end_time, limit=600):

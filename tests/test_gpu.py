@@ -21,6 +21,8 @@ from test_operations import HOST, OperationsTestCase, report_kind
 
 import hpcrun
 
+LAYER = "process"
+
 FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_nvidia_smi.py")
 # 2026-11-02 10:00:00 local time: a day far from any daylight-saving change
 T0 = time.mktime((2026, 11, 2, 10, 0, 0, 0, 0, -1))
@@ -69,10 +71,7 @@ class GpuTestCase(OperationsTestCase):
 
     def reports(self, name=None):
         """(kind, body) of every push (about name), the GPU events by their titles."""
-        def kind(title):
-            return "gpu_idle" if "GPUs idle" in title else "gpu_unused" if "GPUs unused" in title \
-                else report_kind(title)
-        return [(kind(body["title"]), body) for body in self.server.bodies
+        return [(report_kind(body["title"]), body) for body in self.server.bodies
                 if name is None or names_in(body["title"], name)]
 
     def rows(self, text, mode="a"):

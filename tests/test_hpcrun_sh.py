@@ -17,6 +17,8 @@ import unittest
 from support import (REPO, HpcrunTestCase, Result, kill_group, read_bytes, read_records,
                      wait_for)
 
+LAYER = "process"
+
 
 HPCRUN_SH = os.path.abspath(os.environ.get("HPCRUN_TEST_SH") or os.path.join(REPO, "hpcrun.sh"))
 # hpcrun.sh runs the hpcrun.py that sits next to it (symlinks resolved).

@@ -1,11 +1,14 @@
 """Daily operations (issue 4): the argument-free monitor, monitor heartbeats, wrap --then,
 selftest, the [notify] event settings, release reminders and what status shows.
 
-Everything runs the real hpcrun.py in subprocesses against a fake xxtui on 127.0.0.1. A fake
-Slurm is a job environment plus stub `scontrol` and `sacct` first on PATH (the machine may
-have a real Slurm: the stubs shadow it). Monitors poll every 0.25-0.5 s; a test that needs
-to know a monitor has polled again gives it its own HPCRUN_HOME and counts the `seq` of its
-heartbeat file.
+The real hpcrun.py runs in subprocesses against a fake xxtui on 127.0.0.1. A fake Slurm is a
+job environment plus stub `scontrol` and `sacct` first on PATH (the machine may have a real
+Slurm: the stubs shadow it). Monitors poll every 0.25-0.5 s; a test that needs to know a
+monitor has polled again gives it its own HPCRUN_HOME and counts the `seq` of its heartbeat
+file. Where only the monitor's clock matters (a time-limit warning, release reminders), the
+wraps are real and the monitor runs in process, its clocks moved by the test
+(TickingMonitor). The selftests that need no real wrap run in process:
+test_operations_in_process.py.
 """
 
 import json
@@ -18,8 +21,11 @@ import sys
 import time
 import unittest
 
-from support import (KEY, HpcrunTestCase, Reply, merge_sections, read_bytes, read_records,
-                     names_in, pass_time, record_names, render_ini, wait_for)
+from support import (KEY, HpcrunTestCase, MonitorTime, Reply, TickingMonitor, merge_sections,
+                     read_bytes, read_records, names_in, pass_time, record_names, render_ini,
+                     report_kind, wait_for)
+
+LAYER = "process"
 
 
 HOST = os.uname()[1]
@@ -74,27 +80,6 @@ SACCT_STUB = """#!/bin/sh
 echo "sacct $*" >> '{dir}/calls.log'
 exit 1
 """
-
-# What a report's title says, by kind (the first match wins).
-REPORT_KINDS = (
-    ("test", r"^\[test\]"),
-    ("reminder", r"(?i)still billed|scancel"),
-    ("warning", r"(?i)time limit near"),
-    ("start", r"(?i)\bstarted\b"),
-    ("stalled", r"(?i)stalled"),
-    ("resumed", r"(?i)resumed"),
-    ("terminated", r"(?i)terminated"),
-    ("failed", r"(?i)\bfailed\b"),
-    ("success", r"(?i)\bfinished\b"),
-)
-
-
-def report_kind(title):
-    for kind, pattern in REPORT_KINDS:
-        if re.search(pattern, title):
-            return kind
-    return "other"
-
 
 def slurm_time(epoch):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(epoch))
@@ -210,6 +195,55 @@ class OperationsTestCase(HpcrunTestCase):
 
     def bodies(self, kind, name=None):
         return [body for k, body in self.reports(name) if k == kind]
+
+    # monitors in this process, their clocks moved by the test
+    def ticking_monitor(self, *work_dirs, **options):
+        """self.monitor(...) in this process: a TickingMonitor polling every 0.25 s of the
+        clocks it shares with this test's other ticking monitors, its first poll done."""
+        if not hasattr(self, "ticking"):
+            self.ticking = ([], MonitorTime(), [])     # monitors, their clocks, their marks
+        monitors, clocks, marks = self.ticking
+        monitor = TickingMonitor(work_dirs, options.pop("env", None) or self.env,
+                                 cwd=self.sb.root, interval=0.25, config=options.pop("config", None),
+                                 clocks=clocks, marks=marks)
+        monitors.append(monitor.watch(self.server))
+        monitor.start()
+        return monitor
+
+    def tick(self, count=1):
+        """count times: 0.25 s pass on the ticking monitors' clocks, then each of them polls."""
+        monitors, clocks, _ = self.ticking
+        for _ in range(count):
+            clocks.advance(0.25)
+            for monitor in monitors:
+                monitor.poll()
+
+    def tick_until(self, predicate, seconds=15):
+        """Tick until predicate() is true or `seconds` passed on the monitors' clocks."""
+        value = predicate()
+        for _ in range(int(seconds / 0.25)):
+            if value:
+                break
+            self.tick()
+            value = predicate()
+        return value
+
+    def tick_for_reports(self, kind, count=1, name=None, seconds=15):
+        """wait_for_reports with ticking monitors: the arrival times are on their clocks."""
+        reached = self.tick_until(lambda: self.kinds(name).count(kind) >= count, seconds)
+        self.assertTrue(reached, "no %d %s report(s)%s within %ss on the monitors' clocks\n%s" % (
+            count, kind, " about %s" % name if name else "", seconds, self.server.describe()))
+        arrivals = self.ticking[0][0].arrivals(self.server)
+        return [arrived for arrived, body in zip(arrivals, self.server.bodies)
+                if report_kind(body["title"]) == kind and (name is None or
+                                                           names_in(body["title"], name))]
+
+    def wait_for_heartbeat_line(self, work, line):
+        """Until the one running record in work says its training printed line."""
+        self.assertTrue(wait_for(lambda: [r for r in read_records(work, "running").values()
+                                          if (r.get("last_line") or "").startswith(line)],
+                                 timeout=15),
+                        "no heartbeat with %r: %r" % (line, read_records(work, "running")))
 
     # a fake Slurm
     def install_fake_slurm(self):
@@ -418,7 +452,7 @@ class ThenTest(OperationsTestCase):
                     self.assertIn("exited %d" % then_code, result.err, result.describe())
 
 
-class SelftestTest(OperationsTestCase):
+class SelftestTestCase(OperationsTestCase):
 
     def selftest_dir(self):
         return os.path.join(self.sb.hpcrun_home, "selftest", HOST)
@@ -427,67 +461,8 @@ class SelftestTest(OperationsTestCase):
         return {sub: record_names(work, sub) for sub in ("done", "claimed", "delivery", "running")
                 if record_names(work, sub)}
 
-    def test_selftest_passes_end_to_end_with_one_push_marked_as_a_test(self):
-        self.configure()
-        result = self.hpcrun("selftest", timeout=60)
-        self.assertExit(result, 0)
-        steps = re.findall(r"(?m)^\[(\d)/(\d)\] ([\w ]+): ok\b", result.out)
-        self.assertEqual([(n, total) for n, total, _ in steps],
-                         [(str(n), "6") for n in range(1, 7)], result.describe())
-        self.assertEqual([name for _, _, name in steps],
-                         ["config", "work dir", "wrap", "monitor", "push", "archive"])
-        self.assertNotRegex(result.out, r"FAILED")
-        self.assertRequestCount(1)
-        self.assertServerClean()
-        title = self.server.bodies[0]["title"]
-        self.assertTrue(title.startswith("[test] "), title)
-        self.assertEqual(self.leftovers(self.selftest_dir()), {})
-        self.assertNotIn(self.selftest_dir(), self.registry())
-        self.assertSecretsKept()
 
-    def test_selftest_with_a_rejected_key_names_the_push_step_and_leaves_nothing_to_push(self):
-        self.configure()
-        self.server.queue(Reply.json({"code": 40001, "msg": "无效的 API_KEY"}))
-        result = self.hpcrun("selftest", timeout=60)
-        self.assertExit(result, 1)
-        self.assertNoTraceback(result)
-        failed = re.findall(r"(?m)^\[(\d)/6\] ([\w ]+): FAILED: (.*)$", result.out)
-        self.assertEqual(len(failed), 1, result.describe())
-        number, step, message = failed[0]
-        self.assertEqual((number, step), ("5", "push"), result.describe())
-        self.assertIn("xxtui", message)
-        self.assertIn("40001", message)
-        self.assertIn("无效的 API_KEY", message)
-        self.assertRegex(result.out, r"(?m)^\s+fix: .*\bkey\b")
-        self.assertNotRegex(result.out, r"\[6/6\]|selftest passed")
-        self.assertRequestCount(1)
-
-        # nothing left that a monitor would push later
-        self.assertEqual(self.leftovers(self.selftest_dir()), {})
-        for args in (["monitor", "--once"],
-                     ["monitor", "--once", "--work-dir", self.selftest_dir()]):
-            later = self.hpcrun(*args)
-            self.assertExit(later, 0)
-        self.assertRequestCount(1)
-        self.assertSecretsKept()
-
-    def test_selftest_with_a_broken_config_names_the_config_step(self):
-        cases = [("no key", {"notify": {"channels": "xxtui"}}, False, r"api_key"),
-                 ("bad number", {"notify": {"min_duration": "soon"}}, True, r"min_duration"),
-                 ("unknown event", {"notify": {"events": "end, finished"}}, True, r"finished")]
-        for label, sections, with_key, needle in cases:
-            with self.subTest(label):
-                config = self.config_file(label.replace(" ", "-"), **sections)
-                if not with_key:
-                    text = read_bytes(config).decode("utf-8").replace("api_key = %s\n" % KEY, "")
-                    self.sb.write_file(config, text)
-                result = self.hpcrun("selftest", "--config", config, timeout=60)
-                self.assertExit(result, 1)
-                self.assertNoTraceback(result)
-                self.assertRegex(result.out, r"(?m)^\[1/6\] config: FAILED: .*%s" % needle)
-                self.assertRegex(result.out, r"(?m)^\s+fix: \S")
-                self.assertNotRegex(result.out, r"\[2/6\]")
-        self.assertRequestCount(0)
+class SelftestTest(SelftestTestCase):
 
     def test_wrap_selftest_leaves_a_record_the_monitor_pushes_as_a_test_and_prints_checks(self):
         # a test record gets through the filters that would hold back a short success
@@ -516,16 +491,6 @@ class SelftestTest(OperationsTestCase):
         self.assertTrue(title.startswith("[test] "), title)
         self.assertEqual(report_kind(title[len("[test] "):]), "success", title)
         self.assertEqual(list(self.sent(work)), [run_id])
-
-    def test_selftest_never_reports_a_push_that_did_not_happen(self):
-        # with end reports switched off, the test report must still go out, or the push fail
-        self.configure(notify={"events": "lost, stalled"})
-        result = self.hpcrun("selftest", timeout=60)
-        if result.returncode == 0:
-            self.assertRequestCount(1, context=result)
-        else:
-            self.assertExit(result, 1)
-            self.assertRegex(result.out, r"(?m)^\[5/6\] push: FAILED: ")
 
     def test_selftest_in_a_work_dir_with_real_runs_loses_none_of_them(self):
         self.configure()
@@ -628,27 +593,31 @@ class EventSettingsTest(OperationsTestCase):
         self.assertServerClean()
 
     def test_time_limit_warning_comes_once_with_the_progress_when_time_left_nears_the_margin(self):
+        # the wrap is real; the monitor runs in process and the test moves its clocks: the
+        # margin comes after a few polls, not after seconds (extended jobs: the next test)
         margin = 4.0
         self.configure(notify={"time_limit_margin": str(margin)})
         self.install_fake_slurm()
         end_time = int(time.time()) + 10
         self.set_job(5151, end_time)
         env, home = self.own_home("monitor")
-        monitor = self.monitor(self.sb.work, env=env)
+        monitor = self.ticking_monitor(self.sb.work, env=env)
         training = self.start_training(self.sb.work, "near-end", env=self.slurm_env(5151))
-        running_seen = time.time()
+        self.wait_for_heartbeat_line(self.sb.work, "epoch 3/10")   # the progress it reports
+        self.tick()
+        running_seen = monitor.time.now()
         self.assertLess(running_seen, end_time - margin - 1,
                         "too slow to start: the test needs the run watched before the margin")
-        arrived = self.wait_for_reports("warning", name="near-end", timeout=20)
+        arrived = self.tick_for_reports("warning", name="near-end", seconds=20)
         self.assertGreaterEqual(arrived[0], end_time - margin - 0.05,
                                 "warned %.1fs before the end, margin %.0fs"
                                 % (end_time - arrived[0], margin))
         self.assertLess(arrived[0], end_time)
-        self.wait_polls(4, home=home, monitor=monitor)
+        self.tick(4)
         self.go(self.sb.work)
         self.assertExit(self.finish(training), 0)
-        self.wait_for_reports("success", name="near-end")
-        self.stop(monitor)
+        self.tick_for_reports("success", name="near-end")
+        self.assertNoTraceback(monitor.result())
 
         self.assertEqual(self.kinds("near-end"), ["warning", "success"], self.server.describe())
         warning = self.bodies("warning", "near-end")[0]
@@ -711,6 +680,8 @@ class EventSettingsTest(OperationsTestCase):
         return records[0].get("job", {}).get("end_time") if records else None
 
     def test_release_reminders_come_every_interval_stop_when_the_job_goes_and_at_most_max(self):
+        # the wraps are real; the monitors run in process and the test moves their clocks: a
+        # reminder interval passes in four polls, not in a second of waiting
         self.install_fake_slurm()
         interval = 1.0
         # (label, job, reminder_max, whether the job goes after two reminders)
@@ -722,14 +693,14 @@ class EventSettingsTest(OperationsTestCase):
                                                       "reminder_max": str(most)})
             env, home = self.own_home(label)
             work = self.sb.make_dir(label)
-            monitor = self.monitor(work, config=config, env=env)
+            monitor = self.ticking_monitor(work, config=config, env=env)
             wrap = self.hpcrun("wrap", "--config", config, "--work-dir", work, "--name", label,
                                "--command", "echo 'epoch 1/1'", env=self.slurm_env(job_id, env))
             self.assertExit(wrap, 0)
             runs.append((label, job_id, most, goes, work, home, monitor))
 
         for label, job_id, most, goes, work, home, monitor in runs:
-            self.wait_for_reports("success", name=label)
+            self.tick_for_reports("success", name=label)
         for label, job_id, most, goes, work, home, monitor in runs:
             end = self.bodies("success", label)[0]
             self.assertRegex(end["content"], r"(?m)^.*billed.*\bscancel %d\b" % job_id, end)
@@ -739,34 +710,35 @@ class EventSettingsTest(OperationsTestCase):
                     if kind == "reminder" and "scancel %d" % job_id in body["title"]]
 
         for job_id in (4242, 4343):
-            self.assertTrue(wait_for(lambda: len(reminders(job_id)) >= 2, timeout=15),
+            self.assertTrue(self.tick_until(lambda: len(reminders(job_id)) >= 2, 15),
                             "no two reminders about job %d\n%s" % (job_id, self.server.describe()))
             if job_id == 4242:
                 self.job_gone(4242)
                 sent_before_gone = len(reminders(4242))
         for label, job_id, most, goes, work, home, monitor in runs:
-            self.assertTrue(wait_for(lambda: record_names(work, "reminders") == [], timeout=15),
+            self.assertTrue(self.tick_until(lambda: record_names(work, "reminders") == [], 15),
                             "%s: the reminder was never dropped: %r"
                             % (label, record_names(work, "reminders")))
-        pass_time(interval + 0.2)                          # a reminder would be due by now
-        for label, job_id, most, goes, work, home, monitor in runs:
-            self.wait_polls(2, home=home, monitor=monitor)
-        results = [self.stop(monitor) for _, _, _, _, _, _, monitor in runs]
+        self.tick(int((interval + 0.2) / 0.25) + 1)        # a reminder would be due by now
+        self.tick(2)
+        results = [monitor.result() for _, _, _, _, _, _, monitor in runs]
 
         self.assertEqual(len(reminders(4242)), sent_before_gone, self.server.describe())
-        self.assertTimestampedLine(results[0].out, "job 4242 of released is gone")
+        self.assertIn("job 4242 of released is gone", results[0].out)
         self.assertEqual(len(reminders(4343)), 2, "reminder_max is 2\n" + self.server.describe())
+        arrivals = self.ticking[0][0].arrivals(self.server)
         for job_id, label in ((4242, "released"), (4343, "forgotten")):
-            offset = time.time() - time.monotonic()
-            times = [t + offset for t, body in zip(self.server.request_times, self.server.bodies)
+            times = [t for t, body in zip(arrivals, self.server.bodies)
                      if report_kind(body["title"]) == "reminder" and
                      "scancel %d" % job_id in body["title"]]
-            ended = [t + offset for t, body in zip(self.server.request_times, self.server.bodies)
+            ended = [t for t, body in zip(arrivals, self.server.bodies)
                      if report_kind(body["title"]) == "success" and names_in(body["title"], label)]
             gaps = [b - a for a, b in zip(ended + times, times)]
             for gap in gaps:
                 self.assertTrue(0.8 * interval <= gap <= interval + 2.0,
                                 "%s: reminders %r s apart, interval %s s" % (label, gaps, interval))
+        for result in results:
+            self.assertNoTraceback(result)
         self.assertServerClean()
 
 

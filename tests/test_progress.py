@@ -10,6 +10,8 @@ import support  # noqa: F401  (puts hpcrun.py on the path)
 
 import hpcrun as progress   # the tracker is part of hpcrun.py
 
+LAYER = "fast"
+
 TAIL = 20   # lines the wrapper hands at each look
 
 

@@ -1,6 +1,7 @@
 """In-process tests of how hpcrun treats what it reads from the shared file system (issue 11):
 record checks, file names, files a record names, key blocks, secret URL paths, the monitor's
-last line of defence. Fast: no subprocess; the end-to-end attacks are in test_hostile.py.
+last line of defence. Fast: no subprocess; the attacks through main([...]) are in
+test_hostile.py, those that need a real process in test_hostile_e2e.py.
 """
 
 import os
@@ -10,7 +11,10 @@ import threading
 import unittest
 
 import support
-import hpcrun
+
+LAYER = "fast"
+
+hpcrun = support.load_hpcrun()
 
 
 class CheckRecordTest(unittest.TestCase):

@@ -36,7 +36,9 @@ if TESTS_DIR not in sys.path:    # also run as: python3 -m unittest tests.test_s
 
 from support import (HPCRUN, KEY, SUCCESS_WORDS, Background, FakeXxtui, HpcrunTestCase, Sandbox,
                      log_files, names_in, read_bytes, read_records, record_names, render_ini,
-                     wait_for)
+                     report_kind, wait_for)
+
+LAYER = "scheduler"
 
 
 QUEUE = "all.q"
@@ -110,26 +112,6 @@ for step in range(steps):
 print("training finished", flush=True)
 sys.exit(code)
 '''
-
-# Titles of English reports, by kind (the first match wins).
-TITLE_KINDS = (
-    ("time_limit", r"(?i)time limit"),
-    ("recovered", r"(?i)heartbeat back|recover"),
-    ("cancelled", r"(?i)cancel"),
-    ("lost", r"(?i)\blost\b"),
-    ("terminated", r"(?i)terminat"),
-    ("killed", r"(?i)\bkill"),
-    ("failed", r"(?i)\bfail"),
-    ("success", SUCCESS_WORDS),
-)
-
-
-def title_kind(title):
-    for kind, pattern in TITLE_KINDS:
-        if re.search(pattern, title):
-            return kind
-    return "other"
-
 
 def cause_line(content):
     """What the report's "Cause:" line says, None when it has none."""
@@ -500,7 +482,7 @@ class SgeEndingsTest(HpcrunTestCase):
         given, its "Cause:" line matches it. One failure that says both (no subTests:
         tests/run.py would count each failed one as a failed test)."""
         problems = []
-        kind = title_kind(push["title"])
+        kind = report_kind(push["title"])
         if kind not in kinds:
             problems.append("the title reads as %s, expected %s" % (kind, " or ".join(kinds)))
         said = cause_line(push["content"])
@@ -581,7 +563,7 @@ class SgeEndingsTest(HpcrunTestCase):
 
         pushes = self.only_push_about("s-rt-handled")
         push = pushes[0]
-        self.assertEqual(title_kind(push["title"]), "success", push["title"])
+        self.assertEqual(report_kind(push["title"]), "success", push["title"])
         self.assertIn("training finished", push["content"])
         self.assertRegex(push["content"], r"SIGUSR1", "a warning: the soft time limit (s_rt) passed")
         self.assertServerClean()

@@ -27,9 +27,12 @@ if TESTS_DIR not in sys.path:    # also run as: python3 -m unittest tests.test_s
     sys.path.insert(0, TESTS_DIR)
 
 from support import (HPCRUN, KEY, SUCCESS_WORDS, Background, FakeXxtui, HpcrunTestCase, Sandbox,
-                     log_files, read_bytes, read_records, record_names, render_ini, wait_for)
+                     load_hpcrun, log_files, read_bytes, read_records, record_names, render_ini,
+                     wait_for)
 
-import hpcrun
+LAYER = "scheduler"
+
+hpcrun = load_hpcrun()
 
 
 SLURM_DIR = os.environ.get("HPCRUN_SLURM_DIR") or "/tmp/hpcrun-slurm"

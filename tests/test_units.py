@@ -3,8 +3,6 @@
 These name hpcrun.py's internal functions; the subprocess tests in the other files do not.
 """
 
-import contextlib
-import io
 import os
 import re
 import shutil
@@ -13,12 +11,13 @@ import tempfile
 import time
 import unittest
 import urllib.parse
-from unittest import mock
 
 import support
 from support import KEY, FakeXxtui, Reply, render_ini
 
-import hpcrun
+LAYER = "fast"
+
+hpcrun = support.load_hpcrun()
 
 
 class TempDirTestCase(unittest.TestCase):
@@ -436,25 +435,14 @@ class SmallParsersTest(unittest.TestCase):
                 self.assertEqual(hpcrun.parse_list(text), expected)
 
 
-@contextlib.contextmanager
-def sealed_process_env(home):
-    """os.environ as a sealed test environment, restored afterwards."""
-    env = support.sealed_env(os.environ, home, os.path.join(home, ".hpcrun-state"))
-    with mock.patch.dict(os.environ, env, clear=True):
-        yield
-
-
 class MainTest(TempDirTestCase):
 
     def call_main(self, argv):
-        out, err = io.StringIO(), io.StringIO()
-        with sealed_process_env(os.path.join(self.dir, "home")), \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = hpcrun.main(argv)
-            except SystemExit as stop:
-                code = stop.code
-        return code, out.getvalue(), err.getvalue()
+        """hpcrun.main(argv) in this process, sealed as the tests run hpcrun: (code, out, err)."""
+        home = os.path.join(self.dir, "home")
+        result = support.run_in_process(argv, support.sealed_env(
+            os.environ, home, os.path.join(home, ".hpcrun-state")))
+        return result.returncode, result.out, result.err
 
     def test_main_version_returns_0_and_prints_the_version(self):
         code, out, _ = self.call_main(["--version"])

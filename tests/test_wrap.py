@@ -11,6 +11,8 @@ import unittest
 from support import (HpcrunTestCase, LOG_NAME_RE, RECORD_TIME_RE, WAIT_FOR_GO, hpcrun_argv,
                      log_files, read_bytes, read_records, record_names, refused_port, wait_for)
 
+LAYER = "process"
+
 
 # Bytes a training may print: \r redraws, invalid UTF-8, colour codes, no final newline.
 AWKWARD_STDOUT = (b"epoch 1\r 10%\r 50%\r100%\n\xff\xfe\xc3( not utf-8\n"

@@ -18,6 +18,8 @@ import unittest
 from support import (HpcrunTestCase, read_bytes, read_records, record_names, state_dir,
                      wait_for)
 
+LAYER = "process"
+
 
 # --- trainings ---
 

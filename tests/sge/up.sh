@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Usage: tests/sge/up.sh
+# Usage: tests/sge/up.sh [--packages]
 # Start a single-node Grid Engine (Debian's gridengine 8.1.9: sge_qmaster + sge_execd) for
 # the integration tests, installing gridengine-master, -exec and -client with apt-get first
 # if they are missing. Idempotent: when both daemons run and the queue is ready it does
-# nothing. The cell is Debian's: SGE_ROOT=/var/lib/gridengine, SGE_CELL=default (the
+# nothing. --packages only answers the packages' debconf questions and prints them, one a
+# line, for a caller that installs them itself with --no-install-recommends (.ci/run: one
+# apt-get for both schedulers, with a policy-rc.d that keeps apt from starting daemons). The cell is Debian's: SGE_ROOT=/var/lib/gridengine, SGE_CELL=default (the
 # Debian client wrappers default to both). One queue, all.q on this host: 2 slots,
 # notify 00:00:05, no parallel environments, no load thresholds. The files up.sh writes
 # (apt log, qconf input) go to $HPCRUN_SGE_DIR (default /tmp/hpcrun-sge); the daemons log
@@ -244,6 +246,11 @@ check_job_runs() { # a real job proves min_uid, the submit and execution host, t
 
 main() {
   [[ "$EUID" -eq 0 ]] || die "must run as root"
+  if [[ "${1:-}" == "--packages" ]]; then
+    preseed
+    printf '%s\n' "${PACKAGES[@]}"
+    return
+  fi
   mkdir -p "$STATE_DIR"
   install_packages
   if alive "$QMASTER_PID" && execd_alive && queue_ready; then

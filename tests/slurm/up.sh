@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Usage: tests/slurm/up.sh
+# Usage: tests/slurm/up.sh [--packages]
 # Start a single-node Slurm (slurmctld + slurmd + munged) for the integration tests,
 # installing slurm-wlm and munge with apt-get first if they are missing. Idempotent.
+# --packages only prints the packages it would install, one a line, for a caller that
+# installs them itself (.ci/run: one apt-get for both schedulers).
 # Config, state, logs and pid files live in $HPCRUN_SLURM_DIR (default /tmp/hpcrun-slurm);
 # point the Slurm commands at it with  export SLURM_CONF="$HPCRUN_SLURM_DIR/slurm.conf".
 # Stop everything with tests/slurm/down.sh. Needs root (Debian/Ubuntu).
@@ -9,6 +11,7 @@ set -euo pipefail
 
 readonly STATE_DIR="${HPCRUN_SLURM_DIR:-/tmp/hpcrun-slurm}"
 readonly WAIT_SECONDS=60
+readonly PACKAGES=(slurm-wlm munge)
 NODE="$(hostname -s)"
 readonly NODE
 export SLURM_CONF="$STATE_DIR/slurm.conf"
@@ -25,11 +28,11 @@ alive() { # alive PIDFILE: the process named in PIDFILE is running
 install_packages() {
   command -v slurmctld >/dev/null && command -v munged >/dev/null && return
   export DEBIAN_FRONTEND=noninteractive
-  if ! apt-cache show slurm-wlm munge >/dev/null 2>&1; then
+  if ! apt-cache show "${PACKAGES[@]}" >/dev/null 2>&1; then
     apt-get update -q >"$STATE_DIR/apt.log" 2>&1 || true
   fi
-  apt-get install -y -q slurm-wlm munge >>"$STATE_DIR/apt.log" 2>&1 ||
-    die "apt-get install slurm-wlm munge failed, see '$STATE_DIR/apt.log'"
+  apt-get install -y -q "${PACKAGES[@]}" >>"$STATE_DIR/apt.log" 2>&1 ||
+    die "apt-get install ${PACKAGES[*]} failed, see '$STATE_DIR/apt.log'"
 }
 
 start_munge() {
@@ -108,6 +111,10 @@ check_job_runs() { # a real job step proves munge, slurmd and the cgroup plugins
 }
 
 main() {
+  if [[ "${1:-}" == "--packages" ]]; then
+    printf '%s\n' "${PACKAGES[@]}"
+    return
+  fi
   [[ "$EUID" -eq 0 ]] || die "must run as root"
   mkdir -p "$STATE_DIR"
   install_packages
