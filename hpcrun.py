@@ -14,9 +14,10 @@ two halves talk only through the shared file system. A record's life, under DIR/
     python3 hpcrun.py wrap     --work-dir DIR --command "python train.py"
     python3 hpcrun.py monitor  [--work-dir DIR] [--interval 60] [--once]
     python3 hpcrun.py run      --work-dir DIR -- python train.py
-    python3 hpcrun.py status   [--work-dir DIR] [--json] [--monitors]
-    python3 hpcrun.py selftest [--work-dir DIR]
+    python3 hpcrun.py status   [--work-dir DIR] [--json] [--all] [--tasks] [--monitors]
+    python3 hpcrun.py selftest [--work-dir DIR] [--show-config]
     python3 hpcrun.py notify   --test
+    python3 hpcrun.py config   [--json]
 
 Python 3.6+, standard library only.
 """
@@ -245,7 +246,8 @@ CHECKPOINT_PATTERNS = (
     r"(?i)\bcheckpoint (?:saved|written|stored)(?: (?:to|at|in))?:? ?(\S*)",
     r"(?i)\b(?:saved|saving|wrote|writing) (?:a |the )?(?:model )?checkpoint(?: (?:to|at|in|as))?:? ?([^,;]*)",
 )
-CHECKPOINT_HINTS = (b"heckpoint", b"HECKPOINT", b"aving model")   # a chunk without them is not scanned
+CHECKPOINT_HINT = b"heckpoint"   # the output is searched for it as it passes; other lines at the looks
+CHECKPOINT_SEARCH_BYTES = 4 << 20   # bytes a second searched for it (a flood's rest: the looks only)
 CHECKPOINT_FILE_RE = r"^(?:checkpoint-\d+|global_step\d+)$|\.(?:ckpt|pt|pth|safetensors)$"
 CHECKPOINT_SEARCH = (4, 5000, 1.0)   # depth, entries and seconds the search for checkpoint files may take
 SECRET_PATTERNS = (
@@ -338,6 +340,14 @@ MESSAGES = {
         "no_checkpoint": "日志和工作目录里都没有检查点：整个运行白跑了，下次要么保存检查点，要么申请更长的时间",
         "rate_per_hour": "{n} {unit}/小时",
         "rate_per_second": "{n} {unit}/秒",
+        "eta_late_short": "(超时)",
+        "col_name": "名称", "col_state": "状态", "col_time": "时长", "col_progress": "进度",
+        "col_detail": "原因 / 最后一行", "col_eta": "预计完成",
+        "phase_running": "运行中", "phase_stalled": "运行中，无输出", "phase_lost": "失联",
+        "phase_waiting": "已结束，待推送", "phase_delivering": "推送中", "phase_held": "已结束，等数组汇总",
+        "phase_reported": "已推送", "phase_push_failed": "推送失败，将重试",
+        "array_failed_count": "{n} 个任务失败",
+        "no_runs": "没有运行记录",
         "test_prefix": "[测试] ",
         "status_start": "开始运行",
         "status_time_limit_warning": "作业时间上限还剩 {remaining}：保存检查点或延长作业",
@@ -512,6 +522,14 @@ MESSAGES = {
         "no_checkpoint": "no checkpoint in the log or under the work dir: the whole run is lost; the next one needs checkpoints or a longer time limit",
         "rate_per_hour": "{n} {unit}s/h",
         "rate_per_second": "{n} {unit}s/s",
+        "eta_late_short": "(too late)",
+        "col_name": "NAME", "col_state": "STATE", "col_time": "TIME", "col_progress": "PROGRESS",
+        "col_detail": "CAUSE / LAST LINE", "col_eta": "ETA",
+        "phase_running": "running", "phase_stalled": "running, silent", "phase_lost": "lost",
+        "phase_waiting": "ended, to report", "phase_delivering": "reporting", "phase_held": "ended, held for digest",
+        "phase_reported": "reported", "phase_push_failed": "push failed, retrying",
+        "array_failed_count": "{n} task(s) failed",
+        "no_runs": "no runs",
         "test_prefix": "[test] ",
         "status_start": "started",
         "status_time_limit_warning": "{remaining} left before the job's time limit: save a checkpoint or extend the job",
@@ -1367,6 +1385,15 @@ class ProgressTracker(object):
                 "eta": progress_eta(fraction, rate), "observed": observed}
 
 
+def new_lines(before, now):
+    """The lines of a look that the look before did not show: after the longest run of its last
+    lines that the new look starts with."""
+    for overlap in range(min(len(before), len(now)), 0, -1):
+        if now[:overlap] == before[-overlap:]:
+            return now[overlap:]
+    return now
+
+
 class MetricSampler(object):
     """A bounded, evenly thinned sample of one metric over a whole run, plus the last progress.
 
@@ -1390,8 +1417,10 @@ class MetricSampler(object):
         self.tracker = ProgressTracker(clock, min_window=forecast_after)
         self.wall = wall
         self.checkpoint = None        # the last checkpoint the output named: name, line, at, progress
-        self.checkpoint_patterns = [re.compile(pattern) for pattern in CHECKPOINT_PATTERNS]
-        self.user_checkpoint = re.compile(checkpoint) if checkpoint else None
+        # the user's pattern first: where it names the checkpoint, it knows best
+        self.checkpoint_patterns = [re.compile(pattern) for pattern in ([checkpoint] if checkpoint else [])
+                                    + list(CHECKPOINT_PATTERNS)]
+        self.looked_lines = []        # the lines of the last look: only lines after them are new
 
     def feed(self, chunk):
         now = self.clock()
@@ -1440,9 +1469,12 @@ class MetricSampler(object):
         if progress:
             self.progress = progress
         self.tracker.feed(lines, self.clock())
-        if self.user_checkpoint:
-            for line in lines:
-                self.saw_checkpoint(line, [self.user_checkpoint])
+        shown = [line for line in lines if line]
+        fresh = new_lines(self.looked_lines, shown)
+        for index in range(len(shown) - len(fresh), len(shown)):
+            if "heckpoint" not in shown[index]:   # those the relay hands over from every chunk
+                self.saw_checkpoint(shown[index], self.checkpoint_patterns, parse_progress(shown[:index]))
+        self.looked_lines = shown
 
     def forecast(self):
         """The progress tracker's snapshot (progress, rate, ETA) for the heartbeat."""
@@ -1456,7 +1488,7 @@ class MetricSampler(object):
             lines = clean_log_text(data.decode("utf-8", errors="replace"))
             earlier = clean_log_text(before.decode("utf-8", errors="replace"))[-20:] if before else []
             for index, line in enumerate(lines):
-                if "heckpoint" in line or "HECKPOINT" in line or "aving model" in line:
+                if "heckpoint" in line:
                     context = (earlier + lines[:index])[-20:]
                     self.saw_checkpoint(line, self.checkpoint_patterns, parse_progress(context))
 
@@ -3069,6 +3101,7 @@ class Relay(threading.Thread):
         self.bytes = 0
         self.recent = b""           # the last RECENT_BYTES of output, for the heartbeat's last line
         self.output_at = None       # wall time of the last output (how long a hung training is silent)
+        self.search_until = self.searched = 0   # the second and the bytes searched for checkpoint lines in it
         self.log_error = None
 
     def run(self):
@@ -3085,14 +3118,23 @@ class Relay(threading.Thread):
                 break
             chunk = view[:size]
             self.bytes += size
-            self.output_at = time.time()
+            self.output_at = now = time.time()
             before, self.recent = self.recent, (self.recent + chunk[-RECENT_BYTES:])[-RECENT_BYTES:]
             self.write_out(chunk)
             self.write_log(chunk)
             self.sampler.feed(chunk)
-            if any(buffer.find(hint, 0, size) >= 0 for hint in CHECKPOINT_HINTS):
+            if self.may_search(now, size) and buffer.find(CHECKPOINT_HINT, 0, size) >= 0:
                 self.sampler.find_checkpoint(bytes(chunk), before)
         self.sampler.flush()
+
+    def may_search(self, now, size):
+        """Whether this chunk is searched for a checkpoint line: the first CHECKPOINT_SEARCH_BYTES
+        of each second are (a training's whole output, in practice); the rest of a flood is left
+        to the once-a-second look, so the cost does not grow with the output rate."""
+        if now >= self.search_until:
+            self.search_until, self.searched = now + 1.0, 0
+        self.searched += size
+        return self.searched <= CHECKPOINT_SEARCH_BYTES
 
     def write_out(self, chunk):
         if self.out_fd is None:
@@ -6793,16 +6835,19 @@ def make_logger(stream=None):
 
 # --- status ---
 
-def collect_runs(work_dir, roots=None, now=None, config=None):
-    """Every run hpcrun knows of in work_dir that is not yet reported, newest first."""
+def collect_runs(work_dir, roots=None, now=None, config=None, archived=False):
+    """Every run hpcrun knows of in work_dir that is not yet reported (archived: and those that
+    were), newest first."""
     now = time.time() if now is None else now
     roots = roots or [work_dir]
     runs = []
+    subs = (("running", "running"), ("done", "finished, waiting to be reported"), ("claimed", "being delivered"),
+            ("held", "finished, held for its array's digest")) + ((("sent", "reported"),) if archived else ())
     with StateDir(work_dir) as state:
-        for sub, label in (("running", "running"), ("done", "finished, waiting to be reported"),
-                           ("claimed", "being delivered"), ("held", "finished, held for its array's digest")):
+        for sub, label in subs:
             for filename in state.names(sub):
-                if filename.startswith(".") or not (filename.endswith(".json") or sub == "claimed"):
+                if filename.startswith(".") or not (filename.endswith(".json") or sub == "claimed") or \
+                        (sub == "sent" and "~" in filename):   # an event's report, not a run
                     continue
                 run_id = (parse_claim_name(filename) or (filename,))[0] if sub == "claimed" else filename[:-5]
                 record = read_status_record(state, sub, filename, run_id)
@@ -6812,8 +6857,10 @@ def collect_runs(work_dir, roots=None, now=None, config=None):
         runs.append({"work_dir": work_dir, "run_id": LEGACY_RECORD, "name": LEGACY_RECORD,
                      "state": "finished, waiting to be reported", "start_time": None,
                      "elapsed": None, "last_line": ""})
-    done_ids = {r["run_id"] for r in runs if r["state"] != "running"}
-    return [r for r in runs if not (r["state"] == "running" and r["run_id"] in done_ids)]
+    done_ids = {r["run_id"] for r in runs if r.get("phase") not in ("running", "stalled", "lost")}
+    runs = [r for r in runs if r.get("phase") in ("waiting", "delivering", "held", "reported", "push_failed", None)
+            or r["run_id"] not in done_ids]
+    return sorted(runs, key=lambda r: -(r.get("start_time") or 0))
 
 
 def read_status_record(state, sub, filename, run_id):
@@ -6851,6 +6898,8 @@ def status_entry(state, sub, label, run_id, record, delivery, roots, now, config
     gpus = (gpu_state(gpu_stats) if sub == "running" else gpu_card(gpu_stats, MESSAGES["en"])) if gpu_stats else None
     return {"work_dir": state.work_dir, "run_id": run_id, "name": record.get("name"),
             "state": label, "status": record.get("status"), "start_time": start,
+            "phase": run_phase(state, sub, run_id, delivery), "cause": record.get("cause"),
+            "exit_code": record.get("exit_code"),
             "elapsed": elapsed,
             "host": record.get("host"), "log_file": record.get("log_file"),
             "last_line": last_line or "", "job": job_label(job),
@@ -6871,6 +6920,78 @@ def metric_line(record, lines=()):
     values = [float(v) for v in metric.get("values") or [] if isinstance(v, (int, float))]
     name = str(metric.get("name") or "loss")
     return format_metric_trend(name, settled_values(values, lines, name) if values else values)
+
+
+PHASE_OF_SUB = {"running": "running", "done": "waiting", "claimed": "delivering", "held": "held", "sent": "reported"}
+PHASE_OF_MARKER = (("recovered", "running"), ("lost", "lost"), ("stalled", "stalled"))
+STATUS_COLUMNS = ("name", "state", "time", "progress", "detail", "eta")
+STATUS_COLUMN_MAX = (28, 26, 8, 24, 200, 16)   # terminal columns each may take
+
+
+def run_phase(state, sub, run_id, delivery):
+    """Where a run stands: running, stalled, lost, waiting (to be reported), delivering, held
+    (for its array's digest), reported, push_failed."""
+    if delivery.get("failures") and sub not in ("running", "sent"):
+        return "push_failed"
+    if sub == "running":
+        for status, phase in PHASE_OF_MARKER:
+            if state.exists("running", marker(run_id, status)):
+                return phase
+    return PHASE_OF_SUB[sub]
+
+
+def format_status_table(runs, messages, width):
+    """An aligned table, one line per run, cut to the terminal's width (the detail column
+    gives way first)."""
+    rows = [[messages["col_" + column] for column in STATUS_COLUMNS]] + [status_cells(run, messages) for run in runs]
+    widths = [min(max(text_width(row[index]) for row in rows), STATUS_COLUMN_MAX[index])
+              for index in range(len(STATUS_COLUMNS))]
+    lines = []
+    for row in rows:
+        cells = [fit_cell(cell, widths[index]) for index, cell in enumerate(row)]
+        lines.append(fit_cell("  ".join(cells).rstrip(), width).rstrip())
+    return lines
+
+
+def status_cells(run, messages):
+    """name, state, time, progress, cause or last line, ETA of one run (or array)."""
+    status = run.get("status")
+    state = messages.get("phase_" + (run.get("phase") or ""), run.get("state") or "?")
+    if run.get("kind") == "array":
+        state = run["shown"]
+    elif status in STATUSES:
+        state += " · " + messages["status_" + status]
+    detail = run.get("last_line") or ""
+    if status in FAILURE_STATUSES:
+        cause = messages.get("cause_%s" % run.get("cause")) if run.get("cause") != "exit_code" else None
+        code = "exit %s" % run["exit_code"] if run.get("exit_code") not in (None, 0) else None
+        detail = " · ".join(part for part in (cause, code, detail) if part)
+    if run.get("phase") == "push_failed":
+        detail = "×%d: %s" % (run.get("delivery_failures") or 0, run.get("delivery_error") or "?")
+    forecast = run.get("forecast") or {}
+    eta = ""
+    if forecast.get("eta") is not None and run.get("phase") in ("running", "stalled"):
+        eta = format_duration(forecast["eta"]) + ("" if run.get("finishes_in_time") in (True, None)
+                                                  else " " + messages["eta_late_short"])
+    progress = run.get("progress") or forecast.get("label") or ""
+    return [printable(str(run.get("name") or run.get("run_id") or "?"), 200), state,
+            format_duration(run["elapsed"]) if run.get("elapsed") is not None else "-",
+            printable(progress, 200), printable(detail, 500), eta]
+
+
+def text_width(text):
+    """Columns a text takes on a terminal: CJK and full-width characters take two."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
+def fit_cell(text, width):
+    """text cut (with …) or padded to width terminal columns."""
+    if text_width(text) > width:
+        while text and text_width(text) > width - 1:
+            text = text[:-1]
+        text += "…"
+    return text + " " * (width - text_width(text))
 
 
 def format_status_line(run):
@@ -7043,24 +7164,30 @@ def cmd_status(args):
     for work_dir in work_dirs:
         work_dir = os.path.abspath(work_dir)
         try:
-            runs.extend(collect_runs(work_dir, named_file_roots(config, work_dir), config=config))
+            runs.extend(collect_runs(work_dir, named_file_roots(config, work_dir), config=config, archived=args.all))
         except OSError as error:
             print_warning("cannot read '%s': %s" % (work_dir, error.strerror or error))
         except HpcrunError as error:
             print_warning(str(error))
-    if not args.all:
-        runs = group_arrays(runs)
+    messages = MESSAGES[config.get("notify", "language")]
+    runs = sorted(runs, key=lambda run: -(run.get("start_time") or 0))
+    if not args.tasks:
+        runs = group_arrays(runs, messages)
     if args.json:
         emit(json.dumps(runs, ensure_ascii=False, indent=1, sort_keys=True))
     elif not runs:
-        emit("no runs")
-    for run in runs if not args.json else ():
-        emit(format_status_line(run))
+        emit(messages["no_runs"])
+    else:
+        import shutil
+        for line in format_status_table(runs, messages, shutil.get_terminal_size((120, 24)).columns):
+            emit(line)
     return 0
 
 
-def group_arrays(runs):
-    """The runs with the tasks of each array folded into one line with its counts."""
+def group_arrays(runs, messages=None):
+    """The runs with the tasks of each array folded into one line with its counts (where the
+    array's newest task would stand)."""
+    messages = messages or MESSAGES["en"]
     folded, arrays = [], collections.OrderedDict()
     for run in runs:
         if run.get("array"):
@@ -7069,15 +7196,18 @@ def group_arrays(runs):
             folded.append(run)
     for key, tasks in arrays.items():
         counts = collections.Counter(task["state"] for task in tasks)
+        phases = collections.Counter(task.get("phase") for task in tasks)
         failed = len([task for task in tasks if task.get("status") in FAILURE_STATUSES])
         state = ", ".join("%d %s" % (count, state) for state, count in sorted(counts.items()))
+        shown = " · ".join("%d %s" % (count, messages.get("phase_%s" % phase, phase))
+                           for phase, count in sorted(phases.items(), key=lambda item: str(item[0])))
         folded.append({"kind": "array", "array": key, "work_dir": tasks[0]["work_dir"],
                        "name": "%s (array, %d tasks here)" % (key, len(tasks)), "tasks": len(tasks),
-                       "failed": failed, "counts": dict(counts), "state": state,
+                       "failed": failed, "counts": dict(counts), "state": state, "shown": shown,
                        "status": "%d failed" % failed if failed else None,
                        "start_time": min([t["start_time"] for t in tasks if t.get("start_time")] or [None]),
-                       "elapsed": None, "last_line": ""})
-    return folded
+                       "elapsed": None, "last_line": messages["array_failed_count"].format(n=failed) if failed else ""})
+    return sorted(folded, key=lambda run: -(run.get("start_time") or 0))
 
 
 def status_config(args):
@@ -7086,6 +7216,45 @@ def status_config(args):
         return load_config(args.config)
     except ConfigError:
         return load_config(os.devnull, env={})
+
+
+def cmd_config(args):
+    """The settings in force, each with where it came from; secrets masked."""
+    config = config_for(args)
+    shown = config_view(config)
+    if getattr(args, "json", False):
+        emit(json.dumps(shown, ensure_ascii=False, indent=1))
+        return 0
+    emit("# config file: %s" % (config.path or "none (defaults)"))
+    emit("# keys file:   %s" % (config.keys_path or "none"))
+    emit("# channels:    %s" % ", ".join(name for name, _, _ in resolve_channels(config)))
+    for section, values in shown.items():
+        emit("\n[%s]" % section)
+        width = max(len(key) + len(str(item["value"])) for key, item in values.items()) + 3
+        for key, item in values.items():
+            line = "%s = %s" % (key, item["value"])
+            emit("%s  # %s" % (line.ljust(min(width, 60)), item["origin"]))
+    return 0
+
+
+def config_view(config):
+    """{section: {key: {value, origin}}} of the general sections and of the channels in use or set."""
+    channels = set(name for name, _, _ in resolve_channels(config))
+    channels |= set(section for section, _ in config.origins)
+    shown = collections.OrderedDict()
+    for section in list(DEFAULTS) + sorted(name for name in config.sections if name not in DEFAULTS):
+        if section not in DEFAULTS and (section not in channels or channel_type(section) not in CHANNELS):
+            continue
+        values = collections.OrderedDict()
+        for key in sorted(config.sections.get(section, {})):
+            value = config.get(section, key)
+            text = ("yes" if value else "no") if isinstance(value, bool) else \
+                "%g" % value if isinstance(value, float) else str(value)
+            if text and is_secret_setting(section, key):
+                text = "*** (set, %d characters)" % len(text)
+            values[key] = {"value": redact(text, config.secrets), "origin": config.origins.get((section, key), "default")}
+        shown[section] = values
+    return shown
 
 
 def cmd_notify(args):
@@ -7106,6 +7275,8 @@ def cmd_notify(args):
 def cmd_selftest(args):
     """The whole path on this machine: config, work dir, wrap, monitor, push, archive. Each
     step adds what it found (the config, the work dir, the records) for the next ones."""
+    if args.show_config:
+        return cmd_config(args)
     found = {}
     steps = [("config", selftest_config), ("work dir", selftest_work_dir), ("wrap", selftest_wrap),
              ("monitor", selftest_monitor), ("push", selftest_push), ("archive", selftest_archive)]
@@ -7231,56 +7402,104 @@ def cmd_version(args):
 
 # --- command line ---
 
+CONFIG_HELP = ("config file; default: $HPCRUN_CONFIG, else ~/.config/hpcrun/config.ini, else config.ini next "
+               "to hpcrun.py (a keys file api_keys.ini beside it, chmod 600, holds the secrets; either may be "
+               "missing)")
+TOP_EPILOG = """first time on a cluster:
+  python3 hpcrun.py selftest        check config, record, monitor and push on this machine
+  ./hpcrun.sh monitor               keep a monitor running on the login node (./hpcrun.sh help)
+  exec python3 hpcrun.py wrap --work-dir "$PWD" -- python train.py     in the batch script
+
+python3 hpcrun.py COMMAND --help says more; python3 hpcrun.py config shows the settings in force."""
+WRAP_EPILOG = """in a batch script (exec: the scheduler's signals reach the wrapper):
+  exec python3 hpcrun.py wrap --work-dir "$PWD" --name resnet50 -- python train.py --epochs 90
+
+exit status: the training's; 128+N when signal N ended it (143 SIGTERM, 130 Ctrl-C); 127 when the
+command cannot start; 1 for another hpcrun error (a missing work dir); 2 for a usage or config
+error (the training is not started)."""
+COMMAND_HELP = (
+    ("wrap", "run a training on the compute node: tee its output to DIR/logs, keep a heartbeat, "
+             "leave a completion record (never needs the network)"),
+    ("run", "wrap a training, then push its report at once (a lab server with network)"),
+    ("monitor", "on the login node: push a report of every run that finished, failed, was killed, vanished "
+                "or hung; exit 0 on SIGTERM, --once: 1 when something waits for a retry"),
+    ("status", "list the runs not yet reported (and, --all, those that were) with their state"),
+    ("selftest", "check the whole path on this machine: config, record, monitor, push; exit 1 on a failure"),
+    ("notify", "send a test message through every configured channel (--test); exit 1 when one fails"),
+    ("config", "show the settings in force, each with where it came from (secrets masked)"),
+)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="hpcrun", description="Wrap a training on the compute node, report its end from the login node.")
+        prog="hpcrun", description="Wrap a training on the compute node, report its end from the login node.",
+        epilog=TOP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and the file's sha256")
     commands = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+    parser.subcommands = {}
+    for name, help_text in COMMAND_HELP:
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  epilog=WRAP_EPILOG if name in ("wrap", "run") else None,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(func=COMMANDS[name])
+        sub.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+        parser.subcommands[name] = sub
+        OPTIONS[name](sub)
+    return parser
 
-    def add(name, help_text, func):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(func=func)
-        sub.add_argument("--config", metavar="FILE", help="config file (default: see README)")
-        return sub
 
-    for name, help_text, func in (("wrap", "run a training and leave a completion record", cmd_wrap),
-                                  ("run", "wrap a training, then push its report at once", cmd_run)):
-        sub = add(name, help_text, func)
-        sub.add_argument("--work-dir", required=True, metavar="DIR")
-        sub.add_argument("--command", metavar="CMD", help="shell command, run by bash in DIR")
-        sub.add_argument("--log-dir", metavar="DIR", help="log directory, relative to DIR (default: logs)")
-        sub.add_argument("--name", help="run name shown in reports")
-        sub.add_argument("--forward-signal", action="append", metavar="SIG",
-                         help="also forward this warning signal (USR1, USR2) to the training")
-        sub.add_argument("--group", metavar="NAME",
-                         help="a sweep that is not a job array: its runs are reported as one digest "
-                              "(also [wrap] group, HPCRUN_GROUP)")
-        sub.add_argument("--group-size", type=int, metavar="N",
-                         help="how many runs the group has: its digest comes when all N ended")
-        sub.add_argument("--then", metavar="CMD",
-                         help="run CMD once the completion record is on disk (e.g. 'scancel $SLURM_JOB_ID')")
-        sub.set_defaults(selftest=False)
-        if name == "wrap":
-            sub.add_argument("--selftest", action="store_true",
-                             help="run a tiny test command and leave a record the monitor pushes as a test")
-        sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARG... (instead of --command)")
-    sub = add("monitor", "push reports of finished runs", cmd_monitor)
+def wrap_options(sub):
+    sub.add_argument("--work-dir", required=True, metavar="DIR",
+                     help="where the logs (DIR/logs) and records (DIR/.hpcrun) go; the training runs in it")
+    sub.add_argument("--command", metavar="CMD", help="the training as one shell command, run by bash in DIR")
+    sub.add_argument("--log-dir", metavar="DIR", help="log directory, relative to DIR (default: logs)")
+    sub.add_argument("--name", help="run name shown in reports (default: the work dir's name)")
+    sub.add_argument("--forward-signal", action="append", metavar="SIG",
+                     help="also forward this warning signal (USR1, USR2) to the training (repeatable)")
+    sub.add_argument("--group", metavar="NAME",
+                     help="a sweep that is not a job array: its runs are reported as one digest "
+                          "(also [wrap] group, HPCRUN_GROUP)")
+    sub.add_argument("--group-size", type=int, metavar="N",
+                     help="how many runs the group has: its digest comes when all N ended")
+    sub.add_argument("--then", metavar="CMD",
+                     help="run CMD once the completion record is on disk (e.g. 'scancel $SLURM_JOB_ID')")
+    sub.set_defaults(selftest=False)
+    if sub.prog.endswith("wrap"):
+        sub.add_argument("--selftest", action="store_true",
+                         help="run a tiny test command and leave a record the monitor pushes as a test")
+    sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARG... (instead of --command)")
+
+
+def monitor_options(sub):
     sub.add_argument("--work-dir", action="append", metavar="DIR",
                      help="work dir to watch (repeatable; default: every dir a wrap registered)")
     sub.add_argument("--interval", type=float, metavar="SECONDS", help="poll interval (default 60)")
     sub.add_argument("--once", action="store_true", help="poll once and exit (for cron)")
-    sub = add("status", "list runs and their state", cmd_status)
+
+
+def status_options(sub):
     sub.add_argument("--work-dir", action="append", metavar="DIR",
                      help="work dir (repeatable; default: every registered dir)")
-    sub.add_argument("--json", action="store_true", help="the same as JSON, one object per run")
-    sub.add_argument("--all", action="store_true", help="every task of a job array on its own line")
+    sub.add_argument("--json", action="store_true", help="the same as JSON: a list, one object per run")
+    sub.add_argument("--all", action="store_true", help="also the runs already reported (archived)")
+    sub.add_argument("--tasks", action="store_true", help="every task of a job array on its own line")
     sub.add_argument("--monitors", action="store_true",
                      help="list the monitors on every login node instead (exit 3 if none)")
-    sub = add("selftest", "check the whole path on this machine: record, monitor, push", cmd_selftest)
+
+
+def selftest_options(sub):
     sub.add_argument("--work-dir", metavar="DIR", help="where to test (default: ~/.hpcrun/selftest/HOST)")
-    sub = add("notify", "send a test message through every configured channel", cmd_notify)
-    sub.add_argument("--test", action="store_true", required=True)
-    return parser
+    sub.add_argument("--show-config", action="store_true",
+                     help="only show the settings in force, as the config command does")
+
+
+def notify_options(sub):
+    sub.add_argument("--test", action="store_true",
+                     help="send a test message through every channel in [notify] channels")
+
+
+def config_options(sub):
+    sub.add_argument("--json", action="store_true", help="as JSON: section -> key -> {value, origin}")
 
 
 def parse_args(argv):
@@ -7290,16 +7509,20 @@ def parse_args(argv):
         args.func = cmd_version
         return args
     if not getattr(args, "func", None):
-        parser.error("a command is required (wrap, monitor, run, status, selftest, notify)")
+        parser.error("a command is required (%s)" % ", ".join(name for name, _ in COMMAND_HELP))
+    sub = parser.subcommands[args.command_name]
     if args.func in (cmd_wrap, cmd_run):
         program = args.program[1:] if args.program[:1] == ["--"] else args.program
         if args.selftest and not args.command and not program:
             program = [sys.executable, "-c", SELFTEST_PROGRAM]
         if bool(args.command) == bool(program):
-            parser.error("give the training either as --command \"CMD\" or after --")
+            sub.error("give the training either as --command \"CMD\" or after --")
         args.program = program
     if getattr(args, "interval", None) is not None and args.interval <= 0:
-        parser.error("--interval must be positive")
+        sub.error("--interval must be positive")
+    if args.func is cmd_notify and not args.test:
+        sub.print_help(sys.stderr)
+        sub.exit(2, "\nhpcrun notify: nothing to do; --test sends a test message through every channel\n")
     return args
 
 
@@ -7335,6 +7558,11 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
 
+
+COMMANDS = {"wrap": cmd_wrap, "run": cmd_run, "monitor": cmd_monitor, "status": cmd_status,
+            "selftest": cmd_selftest, "notify": cmd_notify, "config": cmd_config}
+OPTIONS = {"wrap": wrap_options, "run": wrap_options, "monitor": monitor_options, "status": status_options,
+           "selftest": selftest_options, "notify": notify_options, "config": config_options}
 
 if __name__ == "__main__":
     sys.exit(main())

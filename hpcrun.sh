@@ -7,7 +7,7 @@
 #                                  1 dead with a pid file, 3 not running
 #   log [-f]                       show the last 50 lines of its log, or follow it
 #   cron [DIR...] [-- OPTIONS]     print a crontab line that runs `monitor --once` every 5 min
-#   help                           show this text
+#   help                           show this text (no command: the same, exit status 2)
 #
 # OPTIONS go to hpcrun.py unchanged, e.g. `-- --interval 120 --config ~/hpcrun.ini`.
 # The pid file and log live in ${HPCRUN_HOME:-~/.hpcrun}, named after this host, because
@@ -190,7 +190,11 @@ main() {
     status) cmd_status ;;
     log) shift && cmd_log "$@" ;;
     cron) shift && cmd_cron "$@" ;;
-    "" | help | -h | --help) usage ;;
+    help | -h | --help) usage ;;
+    "")
+      usage >&2
+      exit 2
+      ;;
     *)
       usage >&2
       echo "hpcrun.sh: unknown command '$1'" >&2

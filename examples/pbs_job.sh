@@ -2,7 +2,8 @@
 # A PBS (OpenPBS, PBS Pro, Torque) batch script that runs a training under hpcrun.
 # Submit with:  qsub pbs_job.sh
 # Copy it next to your train.py, adjust the #PBS lines, and point HPCRUN at your copy of
-# hpcrun.py.  On a login node, `./hpcrun.sh monitor "$PWD"` (or a cron line) reports the end.
+# hpcrun.py.  On a login node, `./hpcrun.sh monitor` (no directory: it serves every work dir a
+# wrap registered) or the cron line `./hpcrun.sh cron` prints reports the end.
 #
 #PBS -N train
 #PBS -l walltime=01:00:00

@@ -1,7 +1,8 @@
 #!/bin/bash
 # A Slurm batch script that runs a training under hpcrun.  Submit with:  sbatch slurm_job.sh
 # Copy it next to your train.py, adjust the #SBATCH lines, and point HPCRUN at your copy of
-# hpcrun.py.  On a login node, `./hpcrun.sh monitor "$PWD"` (or a cron line) reports the end.
+# hpcrun.py.  On a login node, `./hpcrun.sh monitor` (no directory: it serves every work dir a
+# wrap registered) or the cron line `./hpcrun.sh cron` prints reports the end.
 #
 #SBATCH --job-name=train
 #SBATCH --time=01:00:00

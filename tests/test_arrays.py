@@ -12,6 +12,8 @@ from support import HpcrunTestCase, hpcrun_argv, pass_time, read_records
 
 import hpcrun
 
+LAYER = "process"
+
 
 CUDA_OOM = "echo 'RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB'; exit 1"
 NAN_LOSS = "echo 'step 90 loss nan'; exit 1"
@@ -273,16 +275,16 @@ class GroupAndStatusTest(ArrayTestCase):
         self.assertIn("Failed: lr0.3 (CUDA OOM) · lr1.0 (NaN loss)", content)
         self.assertNotIn("Resubmit", content)
 
-    def test_status_shows_an_array_as_one_line_and_its_tasks_with_all(self):
+    def test_status_shows_an_array_as_one_line_and_its_tasks_with_tasks(self):
         self.configure()
         self.run_tasks(lambda i: slurm_env(9200, i), {0: OK, 1: CUDA_OOM, 2: OK})
         self.once()
         folded = self.hpcrun("status", "--work-dir", self.sb.work)
         lines = [line for line in folded.out.splitlines() if line.strip()]
-        self.assertEqual(len(lines), 1, folded.describe())
-        self.assertIn("slurm-9200", lines[0])
-        self.assertIn("1 failed", lines[0])
-        every = self.hpcrun("status", "--work-dir", self.sb.work, "--all", "--json")
+        self.assertEqual(len(lines), 2, folded.describe())   # the table's header, the array
+        self.assertIn("slurm-9200", lines[1])
+        self.assertIn("1 task(s) failed", lines[1])
+        every = self.hpcrun("status", "--work-dir", self.sb.work, "--tasks", "--json")
         self.assertEqual(len(json.loads(every.out)), 3)
         folded_json = json.loads(self.hpcrun("status", "--work-dir", self.sb.work, "--json").out)
         self.assertEqual([(entry["kind"], entry["tasks"], entry["failed"]) for entry in folded_json],

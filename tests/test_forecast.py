@@ -103,10 +103,11 @@ class DeadlineForecastTest(ForecastTestCase):
         self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(
             work, ".hpcrun", "running", "%s.deadline_forecast-1-ok" % self.run_id(work))), timeout=20),
             "the monitor never saw the raised limit: %r" % self.running(work).get("job"))
-        status = self.hpcrun("status", "--work-dir", work)
-        self.assertRegex(status.out, r"ETA \d+s more \([\d.]+ epochs/s\), finishes before the limit with "
-                                     r"\d+m\d+s to spare")
+        status = self.hpcrun("status", "--work-dir", work).out.splitlines()
+        self.assertRegex(status[1], r"^slow-run +running .* \d+s$")   # the ETA, and in time
         as_json = json.loads(self.hpcrun("status", "--json", "--work-dir", work).out)[0]
+        self.assertRegex(as_json["eta"], r"^\d+s more \([\d.]+ epochs/s\), finishes before the limit with "
+                                         r"\d+m\d+s to spare$")
         self.assertIs(as_json["finishes_in_time"], True)
         self.assertEqual(as_json["forecast"]["unit"], "epoch")
         # then the training slows down (a data loader starved): behind again, a second forecast
@@ -229,7 +230,7 @@ class CheckpointTest(unittest.TestCase):
         for line, name in lines.items():
             with self.subTest(line=line):
                 sampler = hpcrun.MetricSampler("loss", clock=lambda: 0.0, wall=lambda: 1000.0)
-                sampler.find_checkpoint(("epoch 1/2\n" + line + "\nepoch 2/2\n").encode("utf-8"))
+                self.relay(sampler, ("epoch 1/2\n" + line + "\nepoch 2/2\n").encode("utf-8"))
                 self.assertEqual(sampler.checkpoint and sampler.checkpoint["name"], name)
         sampler = hpcrun.MetricSampler("loss", checkpoint=r"torch\.save -> (\S+\.bin)")
         sampler.look(b"step 10\ntorch.save -> weights/step10.bin\n")
@@ -237,6 +238,35 @@ class CheckpointTest(unittest.TestCase):
         sampler = hpcrun.MetricSampler("loss")
         sampler.find_checkpoint(b"no checkpointing configured\nloading checkpoint from a.pt\n")
         self.assertIsNone(sampler.checkpoint)
+
+    @staticmethod
+    def relay(sampler, data):
+        """What the relay does with a chunk: hands it over when it holds the hint, and looks."""
+        if hpcrun.CHECKPOINT_HINT in data:
+            sampler.find_checkpoint(data)
+        sampler.look(data)
+
+    def test_a_checkpoint_line_keeps_its_time_while_later_looks_still_show_it(self):
+        now = [1000.0]
+        sampler = hpcrun.MetricSampler("loss", clock=lambda: now[0], wall=lambda: now[0])
+        sampler.look(b"epoch 3/10\nEpoch 3: saving model to model.keras\n")
+        now[0] += 60
+        sampler.look(b"epoch 3/10\nEpoch 3: saving model to model.keras\nepoch 4/10\n")
+        self.assertEqual((sampler.checkpoint["name"], sampler.checkpoint["at"]), ("model.keras", 1000.0))
+        now[0] += 60   # the same line again, a new save
+        sampler.look(b"epoch 4/10\nEpoch 4: saving model to model.keras\n")
+        self.assertEqual((sampler.checkpoint["at"], sampler.checkpoint["progress"]), (1120.0, "epoch 4/10"))
+        self.assertEqual(hpcrun.new_lines(["a", "b", "c"], ["b", "c", "d", "e"]), ["d", "e"])
+        self.assertEqual(hpcrun.new_lines(["a", "b"], ["a", "b"]), [])
+        self.assertEqual(hpcrun.new_lines(["x"], ["a", "b"]), ["a", "b"])
+
+    def test_the_relay_searches_a_bounded_amount_of_output_a_second(self):
+        relay = hpcrun.Relay(-1, None, None, hpcrun.MetricSampler("loss"))
+        budget = hpcrun.CHECKPOINT_SEARCH_BYTES
+        self.assertTrue(relay.may_search(100.0, budget - 10))
+        self.assertTrue(relay.may_search(100.2, 10))
+        self.assertFalse(relay.may_search(100.9, 1), "a flood past the budget is left to the looks")
+        self.assertTrue(relay.may_search(101.0, 65536), "a new second, a new budget")
 
     def test_the_report_line_and_a_time_limit_without_checkpoint(self):
         messages = hpcrun.MESSAGES["en"]

@@ -424,8 +424,12 @@ class CronTest(HpcrunShTestCase):
 
 class UsageTest(HpcrunShTestCase):
 
-    def test_help_and_no_arguments_print_the_usage_on_stdout(self):
-        for args in ([], ["help"], ["-h"], ["--help"]):
+    def test_help_prints_the_usage_on_stdout_and_no_arguments_on_stderr_with_status_2(self):
+        bare = self.sh()
+        self.assertExit(bare, 2)
+        self.assertEqual(bare.out, "")
+        self.assertTrue(bare.err.startswith("Usage: ./hpcrun.sh"), bare.describe())
+        for args in (["help"], ["-h"], ["--help"]):
             with self.subTest(args=args):
                 result = self.sh(*args)
                 self.assertExit(result, 0)
