@@ -37,7 +37,7 @@ LAYERS = ("scheduler", "process", "fast")          # also the order in which the
 DEFAULT_LAYER = "process"
 LAYER_RE = re.compile(r"""^LAYER\s*=\s*["'](\w+)["']\s*$""", re.M)
 # The slowest modules first when no earlier run said how long they take (then by name).
-SLOW_FIRST = ("test_slurm", "test_sge", "test_slurm_arrays", "test_forecast", "test_operations",
+SLOW_FIRST = ("test_slurm", "test_sge", "test_slurm_reminders", "test_slurm_arrays", "test_forecast", "test_operations",
               "test_reliability", "test_gpu", "test_channels_e2e", "test_arrays",
               "test_wrap_faults", "test_monitor", "test_hostile", "test_wrap")
 DURATIONS = os.path.join(TESTS_DIR, "__pycache__", "durations.json")
