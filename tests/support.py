@@ -148,6 +148,34 @@ def pass_time(seconds):
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
+COMMAND_TIMEOUT = 30           # seconds for one scheduler command (sbatch, qstat, ...)
+
+
+def run_command(argv, env, timeout=COMMAND_TIMEOUT, cwd=None):
+    """(exit status, stdout, stderr) of a command; status None when it could not run."""
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env, timeout=timeout, cwd=cwd,
+                              universal_newlines=True)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, "", str(error)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def clip(text, limit=3000):
+    """text's last limit characters, saying how many were cut (what a failing test shows)."""
+    return text if len(text) <= limit else "[... %d chars cut ...]\n%s" % (
+        len(text) - limit, text[-limit:])
+
+
+def read_text(path):
+    """A file's text, or a line saying why it cannot be read (what a failing test shows)."""
+    try:
+        return read_bytes(path).decode("utf-8", "replace")
+    except OSError as error:
+        return "(cannot read '%s': %s)" % (path, error.strerror)
+
+
 def wait_for(predicate, timeout=10.0, interval=0.01):
     """Poll predicate until it returns something true or timeout passes; return its last value."""
     deadline = time.monotonic() + timeout

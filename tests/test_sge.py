@@ -25,7 +25,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 import unittest
@@ -35,14 +34,13 @@ if TESTS_DIR not in sys.path:    # also run as: python3 -m unittest tests.test_s
     sys.path.insert(0, TESTS_DIR)
 
 from support import (HPCRUN, KEY, SUCCESS_WORDS, Background, FakeXxtui, HpcrunTestCase, Sandbox,
-                     log_files, names_in, read_bytes, read_records, record_names, render_ini,
-                     report_kind, wait_for)
+                     clip, log_files, names_in, read_records, read_text, record_names, render_ini,
+                     report_kind, run_command, wait_for)
 
 LAYER = "scheduler"
 
 
 QUEUE = "all.q"
-SGE_TIMEOUT = 30              # seconds for one qsub/qstat/qacct/qdel call
 PENDING_WAIT = 300            # seconds a job may wait for a slot (other jobs, other runs)
 RUN_WAIT = 90                 # seconds from its start until a job here surely ended
 ACCOUNTING_WAIT = 20          # seconds from the end of a job until qacct has it
@@ -134,17 +132,6 @@ def sge_env(base):
     return env
 
 
-def run_command(argv, env, timeout=SGE_TIMEOUT, cwd=None):
-    """(exit status, stdout, stderr) of a command; status None when it could not run."""
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env, timeout=timeout, cwd=cwd,
-                              universal_newlines=True)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return None, "", str(error)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def queue_line(env):
     """(status, the all.q@host line of qstat -f or None, stderr)."""
     status, out, err = run_command(["qstat", "-f", "-q", QUEUE], env)
@@ -207,18 +194,6 @@ def qacct_records(job_id, env):
         if fields.get("jobnumber") == str(job_id):
             records.append(fields)
     return records
-
-
-def clip(text, limit=3000):
-    return text if len(text) <= limit else "[... %d chars cut ...]\n%s" % (
-        len(text) - limit, text[-limit:])
-
-
-def read_text(path):
-    try:
-        return read_bytes(path).decode("utf-8", "replace")
-    except OSError as error:
-        return "(cannot read '%s': %s)" % (path, error.strerror)
 
 
 class SgeJob(object):

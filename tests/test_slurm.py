@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 import unittest
@@ -27,8 +26,8 @@ if TESTS_DIR not in sys.path:    # also run as: python3 -m unittest tests.test_s
     sys.path.insert(0, TESTS_DIR)
 
 from support import (HPCRUN, KEY, SUCCESS_WORDS, Background, FakeXxtui, HpcrunTestCase, Sandbox,
-                     load_hpcrun, log_files, read_bytes, read_records, record_names, render_ini,
-                     wait_for)
+                     clip, load_hpcrun, log_files, read_records, read_text, record_names,
+                     render_ini, run_command, wait_for)
 
 LAYER = "scheduler"
 
@@ -36,7 +35,6 @@ hpcrun = load_hpcrun()
 
 
 SLURM_DIR = os.environ.get("HPCRUN_SLURM_DIR") or "/tmp/hpcrun-slurm"
-SLURM_TIMEOUT = 30            # seconds for one sbatch/squeue/scontrol/scancel call
 CANCEL_LIMIT = 3              # minutes, of the job that is scancel'd (raised by 2 first)
 PENDING_WAIT = 600            # seconds a job may wait for a CPU (other runs of these tests)
 RUN_WAIT = 150                # seconds from its start until a 1-minute job surely ended
@@ -95,17 +93,6 @@ def slurm_env(base):
     return env
 
 
-def run_command(argv, env, timeout=SLURM_TIMEOUT):
-    """(exit status, stdout, stderr) of a command; status None when it could not run."""
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env, timeout=timeout,
-                              universal_newlines=True)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return None, "", str(error)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def slurm_missing_reason():
     """Why the real-Slurm tests cannot run here, or None when they can."""
     if os.environ.get("HPCRUN_SKIP_SLURM", "") not in ("", "0"):
@@ -151,18 +138,6 @@ def running_job_end(work):
     """The job end time in a work dir's (one) running record, None before there is one."""
     records = list(read_records(work, "running").values())
     return (records[0].get("job") or {}).get("end_time") if records else None
-
-
-def clip(text, limit=3000):
-    return text if len(text) <= limit else "[... %d chars cut ...]\n%s" % (
-        len(text) - limit, text[-limit:])
-
-
-def read_text(path):
-    try:
-        return read_bytes(path).decode("utf-8", "replace")
-    except OSError as error:
-        return "(cannot read '%s': %s)" % (path, error.strerror)
 
 
 class BatchJob(object):
