@@ -4703,12 +4703,8 @@ def report_header(record, messages, status, fields, notes=(), config=None):
 def header_rows(record, messages, status, fields, config=None):
     """(message key, value) of each header line, in the order a reader wants them."""
     job = record.get("job") or None
-    cause = fields["cause"]
-    cause_text = messages.get("cause_" + cause, cause) if cause else None
-    if cause_text and fields["cause_line"]:
-        cause_text = "%s — %s" % (cause_text, fields["cause_line"])
     rows = [
-        ("field_cause", cause_text),
+        ("field_cause", cause_text(fields, messages)),
         ("field_status", messages["status_" + status].format(**fields)),
         ("field_exit_code", record.get("exit_code")),
         ("field_signal", record.get("signal")),
@@ -4741,11 +4737,23 @@ def header_rows(record, messages, status, fields, config=None):
         ("field_duration", fields["duration"] if fields["duration"] != "?" else None),
         ("field_log", record.get("log_file")),
     ]
-    if status.startswith("gpu_"):   # what the alert is about first: the GPUs, the log, the cost, the way out
-        first = ("field_gpus", "field_last_output", "field_cost", "field_cancel")
-        rows = rows[:2] + [row for key in first for row in rows if row[0] == key] + \
-            [row for row in rows[2:] if row[0] not in first]
-    return rows
+    return gpu_alert_order(rows) if status.startswith("gpu_") else rows
+
+
+def cause_text(fields, messages):
+    """The cause in words, with the log line it came from."""
+    cause = fields["cause"]
+    text = messages.get("cause_" + cause, cause) if cause else None
+    if text and fields["cause_line"]:
+        text = "%s — %s" % (text, fields["cause_line"])
+    return text
+
+
+def gpu_alert_order(rows):
+    """A GPU alert's rows: what it is about first (the GPUs, the log, the cost, the way out)."""
+    first = ("field_gpus", "field_last_output", "field_cost", "field_cancel")
+    return rows[:2] + [row for key in first for row in rows if row[0] == key] + \
+        [row for row in rows[2:] if row[0] not in first]
 
 
 def advice_lines(record, messages):
