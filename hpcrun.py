@@ -2740,10 +2740,12 @@ class PBS(Scheduler):
                 ("resubmit", "qsub -l walltime=%s" % clock_text(seconds))]
 
     def add_facts(self, job, start_time, env, runner):
+        """PBS_WALLTIME; its end counts from the job's start: its shell's under pbs_mom, else the
+        wrapper's."""
         walltime = env.get("PBS_WALLTIME")
         if walltime and walltime.isdigit():
             job["time_limit"] = int(walltime)
-            job["end_time"] = start_time + int(walltime)
+            job["end_time"] = (ancestor_start("pbs_mom", below=True) or start_time) + int(walltime)
 
     def outlives(self, env, parent_comm):
         return env.get("PBS_ENVIRONMENT") == "PBS_INTERACTIVE"
@@ -2845,7 +2847,8 @@ class GridEngine(Scheduler):
         return [("resubmit", "qsub -l h_rt=%s" % clock_text(seconds))]
 
     def add_facts(self, job, start_time, env, runner):
-        """h_rt (the hard limit, the kill) from `qstat -j`; its end counts from the wrapper's start."""
+        """h_rt (the hard limit, the kill) from `qstat -j`; its end counts from the job's start:
+        its sge_shepherd's, else the wrapper's."""
         text = run_quietly(["qstat", "-j", job["id"]], runner) or ""
         fields = dict(re.findall(r"^(job_type|script_file|job_args):\s*(.*)$", text, re.M))
         if "binary" in fields.get("job_type", "") and fields.get("script_file"):
@@ -2858,7 +2861,7 @@ class GridEngine(Scheduler):
         h_rt = re.search(r"(?:^|,)h_rt=([\d:]+)", limits.group(1)) if limits else None
         if h_rt:
             job["time_limit"] = parse_sge_time(h_rt.group(1))
-            job["end_time"] = start_time + job["time_limit"]
+            job["end_time"] = (ancestor_start("sge_shepherd") or start_time) + job["time_limit"]
 
     def query(self, job_id, runner):
         if run_quietly(["qstat", "-j", job_id], runner):
@@ -3660,6 +3663,30 @@ def process_status(pid):
         return fields[0].decode("ascii"), int(fields[1]), int(fields[2])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def ancestor_start(prefix, below=False, depth=8):
+    """When the nearest ancestor (or this process) whose name starts with prefix started, or
+    with below the one under it on the way here (epoch seconds, from /proc, Linux), or None.
+    A scheduler's per-job process (sge_shepherd), or the job shell under its daemon (pbs_mom),
+    started with the job; the wrapper perhaps minutes later (a script that stages data first)."""
+    try:
+        with open("/proc/stat", "rb") as stream:
+            boot = float(re.search(br"(?m)^btime (\d+)", stream.read()).group(1))
+        ticks, pid, child = float(os.sysconf("SC_CLK_TCK")), os.getpid(), None
+        for _ in range(depth):
+            with open("/proc/%d/stat" % pid, "rb") as stream:
+                name, rest = stream.read().split(b" (", 1)[1].rsplit(b")", 1)
+            fields = rest.split()
+            started = boot + int(fields[19]) / ticks
+            if name.decode("ascii", "replace").startswith(prefix):
+                return child if below else started
+            pid, child = int(fields[1]), started
+            if pid <= 1:
+                return None
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return None
 
 
 def reap_orphans(training_pid):

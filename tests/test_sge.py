@@ -52,6 +52,7 @@ MONITOR_LIFETIME = 900        # seconds after which the monitor stops by itself
 QUIET = 2 * STALE_AFTER + 4 * MONITOR_INTERVAL   # no second report this long after the first
 H_RT = 15                     # seconds: the hard run-time limit of the time-limit jobs
 S_RT = 5                      # seconds: the soft run-time limit of the s_rt jobs
+STAGE_SECONDS = 4             # seconds a job script works before it execs the wrapper
 LONG_STEPS = 400              # 100 s of steps: far beyond any limit here
 
 # The training of every job: argv MODE STEPS [EXIT | TASK:EXIT]. It writes started-<task>.json
@@ -317,8 +318,11 @@ class SgeEndingsTest(HpcrunTestCase):
         cls.cancel_when_started(cls.qdel_job)
         cls.notify_job = cls.binary_job("notify", "notify-run", ["plain", LONG_STEPS],
                                         options=["-notify", "-l", limit]).submit()
+        # a job script that stages its data before it execs the wrapper: h_rt counts from the
+        # job's start, seconds before the wrapper's
         cls.script_job = cls.script_job_of("script", "script-run", ["usr2", LONG_STEPS],
-                                           ["-notify", "-l " + limit]).submit()
+                                           ["-notify", "-l " + limit],
+                                           setup=["sleep %d" % STAGE_SECONDS]).submit()
         cls.s_rt_handled_job = cls.binary_job("srt-handled", "s-rt-handled", ["usr1", 36],
                                               options=["-l", "s_rt=0:0:%d" % S_RT]).submit()
         cls.s_rt_plain_job = cls.binary_job("srt-plain", "s-rt-plain", ["plain", 36],
@@ -362,11 +366,12 @@ class SgeEndingsTest(HpcrunTestCase):
         return job
 
     @classmethod
-    def script_job_of(cls, label, name, training_args, directives):
-        """A job script with #$ lines whose last line execs the wrapper."""
+    def script_job_of(cls, label, name, training_args, directives, setup=()):
+        """A job script with #$ lines and setup lines whose last line execs the wrapper."""
         work = cls.box.make_dir("work-" + label)
         argv = cls.wrap_argv(work, name, training_args)
-        lines = ["#!/bin/bash", "#$ -S /bin/bash"] + ["#$ %s" % d for d in directives] + [
+        lines = ["#!/bin/bash", "#$ -S /bin/bash"] + ["#$ %s" % d for d in directives]
+        lines += list(setup) + [
             "echo \"job $JOB_ID starts the wrapper\"",
             "exec " + " ".join(shlex.quote(a) for a in argv)]
         script = cls.box.write_file(cls.box.path("jobs", label + ".sh"), "\n".join(lines) + "\n",

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -390,6 +391,33 @@ class ManyWrappersTest(HpcrunTestCase):
         self.assertEqual(read_records(self.sb.work, "done"), {})
         self.assertEqual(len(read_records(self.sb.work, "sent")), 10)
         self.assertSecretsKept()
+
+
+class JobStartTest(HpcrunTestCase):
+    """A batch script may work minutes (module load, staging data) before it execs wrap: the
+    time limit counts from the job's start, not the wrapper's."""
+
+    STAGE = 3   # seconds the job script works before it execs wrap
+
+    def test_a_pbs_walltime_counts_from_the_job_shell_started_by_pbs_mom(self):
+        mom = os.path.join(self.sb.root, "pbs_mom")     # a process of that name, like the daemon
+        os.symlink(sys.executable, mom)
+        wrap = " ".join(shlex.quote(arg) for arg in hpcrun_argv(
+            ["wrap", "--work-dir", self.sb.work, "--command", "true"]))
+        env = dict(self.env, PBS_JOBID="4242.pbs", PBS_WALLTIME="3600",
+                   PBS_ENVIRONMENT="PBS_BATCH")
+        before = time.time()
+        status = subprocess.call(
+            [mom, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))",
+             "sh", "-c", "sleep %d; exec %s" % (self.STAGE, wrap)],
+            env=env, cwd=self.sb.root, stdout=subprocess.DEVNULL, timeout=60)
+        self.assertEqual(status, 0)
+        _, record = self.only_record()
+        job_start = record["job"]["end_time"] - 3600
+        # /proc's boot time is whole seconds: the start it gives may be off by up to one
+        self.assertGreaterEqual(job_start, before - 1.1, record)
+        self.assertLessEqual(job_start, record["start_time"] - (self.STAGE - 1.1),
+                             "the end counts from the wrapper's start, not the job's: %r" % record)
 
 
 if __name__ == "__main__":
