@@ -427,14 +427,16 @@ class WrapperSignalTest(ReliabilityTestCase):
             runs.append((number, work) + self.start_training(WAITING_TRAINING, work=work)[:1])
         sent = {}
         for number, work, background in runs:
+            sent[number] = time.time()
             background.proc.send_signal(number)
-            sent[number] = time.monotonic()
         for number, work, background in runs:
             name = signal.Signals(number).name
             with self.subTest(name):
-                provisional = wait_for(lambda: self.done_record(work), timeout=1.0)
-                self.assertTrue(provisional, "no record within a second of %s" % name)
-                self.assertLess(time.monotonic() - sent[number], 1.5)
+                # how soon the wrapper ended the run, by its own clock: this test's polling of
+                # three runs in turn on a loaded machine is no measure of it
+                provisional = wait_for(lambda: self.done_record(work), timeout=10.0)
+                self.assertTrue(provisional, "no record within 10 s of %s" % name)
+                self.assertLess(provisional["end_time"] - sent[number], 1.5, provisional)
                 result = self.finish(background)
                 self.assertExit(result, 128 + int(number))
                 self.assertNotIn("Traceback", result.err)
