@@ -3161,6 +3161,15 @@ class Relay(threading.Thread):
         return last_line_of(self.recent)
 
 
+def proc_stat(pid):
+    """(name, the fields after it) of /proc/PID/stat (Linux): fields[0] is the state, [1] the
+    parent, [2] the process group, [19] the start in clock ticks after boot. OSError when
+    there is no such process, IndexError when the file is cut short."""
+    with open("/proc/%s/stat" % pid, "rb") as stream:
+        parts = stream.read().rsplit(b")", 1)
+    return parts[0].split(b"(", 1)[1], parts[1].split()
+
+
 def descendants(pid):
     """Pids of every process below pid, from /proc (best effort, Linux)."""
     children = {}
@@ -3168,8 +3177,7 @@ def descendants(pid):
         if not entry.isdigit():
             continue
         try:
-            with open("/proc/%s/stat" % entry, "rb") as stream:
-                fields = stream.read().rsplit(b")", 1)[1].split()
+            fields = proc_stat(entry)[1]
         except (OSError, IndexError):
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
@@ -3658,8 +3666,7 @@ def release_memory():
 def process_status(pid):
     """(state letter, parent pid, process group) of a process from /proc, or None."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as stream:
-            fields = stream.read().rsplit(b")", 1)[1].split()
+        fields = proc_stat(pid)[1]
         return fields[0].decode("ascii"), int(fields[1]), int(fields[2])
     except (OSError, IndexError, ValueError):
         return None
@@ -3675,9 +3682,7 @@ def ancestor_start(prefix, below=False, depth=8):
             boot = float(re.search(br"(?m)^btime (\d+)", stream.read()).group(1))
         ticks, pid, child = float(os.sysconf("SC_CLK_TCK")), os.getpid(), None
         for _ in range(depth):
-            with open("/proc/%d/stat" % pid, "rb") as stream:
-                name, rest = stream.read().split(b" (", 1)[1].rsplit(b")", 1)
-            fields = rest.split()
+            name, fields = proc_stat(pid)
             started = boot + int(fields[19]) / ticks
             if name.decode("ascii", "replace").startswith(prefix):
                 return child if below else started
@@ -3825,8 +3830,7 @@ def children_max_rss():
 def process_running(pid):
     """False once pid has exited (zombie included)."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as stream:
-            return stream.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        return proc_stat(pid)[1][0] != b"Z"
     except (OSError, IndexError):
         return pid_alive(pid)
 
